@@ -1,0 +1,140 @@
+"""Real ``torch.nn.BatchNorm*d`` driven with jaxbn's flags: the oracle for equivalence checks.
+
+Requires the optional ``torch`` extra. Everything here mirrors how a torch user holds a module:
+build it once (``affine`` and ``track_running_stats`` at construction), mutate its attributes
+between calls (:func:`apply_flags`), call it, read its buffers back. Arrays cross the boundary as
+NumPy copies, never views (torch mutates buffers in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core import BatchNormFlags, BatchNormParams, BatchNormState
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("jaxbn.torch_oracle needs PyTorch: pip install 'jaxbn[torch]'") from e
+
+_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+def to_numpy(t: "torch.Tensor | None") -> np.ndarray | None:
+    """A NumPy *copy* of a tensor (float32 for bf16, which NumPy cannot hold)."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy().copy()
+
+
+def to_torch(a: Any) -> "torch.Tensor":
+    """A tensor that owns a copy of ``a`` (a NumPy or JAX array)."""
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def build_module(
+    num_features: int,
+    ndim: int,
+    state: BatchNormState | None,
+    params: BatchNormParams | None,
+    flags: BatchNormFlags,
+    dtype: "torch.dtype" = None,
+) -> "torch.nn.Module":
+    """``nn.BatchNorm{1,2,3}d`` for a rank-``ndim`` input, constructed like the jaxbn layer.
+
+    ``affine = params is not None`` and ``track_running_stats = state is not None`` at
+    construction; buffers/params are then loaded from ``state``/``params`` and ``flags`` applied.
+    """
+    if ndim not in _MODULES:
+        raise ValueError(f"torch has BatchNorm modules for inputs of rank 2 to 5, not {ndim}")
+    cls = getattr(torch.nn, _MODULES[ndim])
+    module = cls(
+        num_features,
+        eps=flags.eps,
+        momentum=flags.momentum,
+        affine=params is not None,
+        track_running_stats=state is not None,
+    )
+    if dtype is not None:
+        module = module.to(dtype)
+    load_state(module, state, params)
+    apply_flags(module, flags)
+    return module
+
+
+def load_state(module: "torch.nn.Module", state: BatchNormState | None, params: BatchNormParams | None) -> None:
+    """Copy jaxbn state/params into the module's buffers/parameters, keeping their dtypes."""
+    with torch.no_grad():
+        if state is not None:
+            module.running_mean.copy_(to_torch(state.running_mean))
+            module.running_var.copy_(to_torch(state.running_var))
+            module.num_batches_tracked.copy_(to_torch(state.num_batches_tracked))
+        if params is not None:
+            module.weight.copy_(to_torch(params.weight))
+            module.bias.copy_(to_torch(params.bias))
+
+
+def apply_flags(module: "torch.nn.Module", flags: BatchNormFlags) -> None:
+    """Set the attributes a torch user may change after construction, and train/eval mode."""
+    module.momentum = flags.momentum
+    module.eps = flags.eps
+    module.track_running_stats = flags.track_running_stats
+    module.train(flags.training)
+
+
+def module_state(module: "torch.nn.Module") -> BatchNormState | None:
+    """The module's buffers as NumPy copies, or ``None`` if it was built without them."""
+    if module.running_mean is None:
+        return None
+    return BatchNormState(
+        running_mean=to_numpy(module.running_mean),
+        running_var=to_numpy(module.running_var),
+        num_batches_tracked=to_numpy(module.num_batches_tracked),
+    )
+
+
+def module_params(module: "torch.nn.Module") -> BatchNormParams | None:
+    """The module's weight and bias as NumPy copies, or ``None`` when ``affine=False``."""
+    if module.weight is None:
+        return None
+    return BatchNormParams(weight=to_numpy(module.weight), bias=to_numpy(module.bias))
+
+
+def forward(module: "torch.nn.Module", x: Any, axis: int = 1) -> "torch.Tensor":
+    """Call ``module`` on ``x`` whose features are on ``axis``; the result has ``x``'s layout.
+
+    Returns a tensor (so callers can backpropagate); ``x`` may be a tensor that requires grad.
+    """
+    xt = x if isinstance(x, torch.Tensor) else to_torch(x)
+    ndim = xt.dim()
+    axis = axis % ndim
+    y = module(torch.movedim(xt, axis, 1).contiguous())
+    return torch.movedim(y, 1, axis)
+
+
+def batch_norm(
+    x: Any,
+    state: BatchNormState | None,
+    params: BatchNormParams | None,
+    flags: BatchNormFlags = BatchNormFlags(),
+) -> tuple[np.ndarray, BatchNormState | None]:
+    """What torch computes for ``jaxbn.batch_norm(x, state, params, flags)``: ``(y, new_state)``.
+
+    Arrays are NumPy; ``x``'s dtype decides the module's dtype unless state/params are float32
+    with a half-precision input (torch's mixed precision).
+    """
+    x = np.asarray(x)
+    axis = flags.axis % x.ndim
+    reference = state if state is not None else params
+    dtype = None
+    if reference is not None:
+        dtype = to_torch(np.asarray(reference[0])).dtype
+    module = build_module(x.shape[axis], x.ndim, state, params, flags, dtype)
+    with torch.no_grad():
+        y = forward(module, x, axis)
+    return to_numpy(y), module_state(module)

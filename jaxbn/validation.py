@@ -1,0 +1,114 @@
+"""Trace-time validation of batch-norm inputs.
+
+Shapes and dtypes are static under ``jax.jit``, so every check here runs once per trace and
+raises before any computation, with torch's wording where torch has one. All checks live here so
+the core stays a straight line of math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from .stats import count_per_channel
+
+
+def canonical_axis(axis: int, ndim: int, shape: tuple[int, ...]) -> int:
+    """Map a possibly negative feature axis to ``0 <= axis < ndim`` or raise ``ValueError``."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"feature axis {axis} is out of bounds for input of rank {ndim} (input shape {shape})"
+        )
+    return axis % ndim
+
+
+def check_input(x: Any, axis: int) -> int:
+    """Validate ``x`` and return the canonical feature axis."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.ndim < 2:
+        raise ValueError(
+            f"expected at least 2D input (got {x.ndim}D input): batch norm needs a batch axis "
+            f"and a feature axis (input shape {shape})"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f'"batch_norm" not implemented for \'{jnp.dtype(x.dtype).name}\': x must have a '
+            f"floating-point dtype (input shape {shape})"
+        )
+    return canonical_axis(axis, x.ndim, shape)
+
+
+def allowed_dtypes(x_dtype: Any) -> tuple[jnp.dtype, ...]:
+    """Dtypes state and params may have for an input of ``x_dtype``.
+
+    torch accepts parameters and buffers of the input's dtype, and float32 ones for a bf16/fp16
+    input (mixed precision); anything else is its "mixed dtype" error.
+    """
+    x_dtype = jnp.dtype(x_dtype)
+    if x_dtype.itemsize < 4:
+        return (x_dtype, jnp.dtype(jnp.float32))
+    return (x_dtype,)
+
+
+def check_channel_vector(
+    owner: str, name: str, value: Any, x_shape: tuple[int, ...], axis: int, x_dtype: Any
+) -> None:
+    """Check that ``owner.name`` is a ``(C,)`` vector of an allowed dtype for the input."""
+    num_features = x_shape[axis]
+    where = f"input shape {x_shape}, feature axis {axis}"
+    if value is None:
+        raise ValueError(f"{owner}.{name} is None; pass {owner}=None instead ({where})")
+    shape = tuple(getattr(value, "shape", ()))
+    if len(shape) == 1 and shape[0] != num_features:
+        # torch: "running_mean should contain 5 elements not 3"
+        raise ValueError(
+            f"{name} should contain {num_features} elements not {shape[0]}: "
+            f"{owner}.{name} has shape {shape}, the input has {num_features} features ({where})"
+        )
+    if shape != (num_features,):
+        raise ValueError(
+            f"{owner}.{name} has shape {shape}; expected ({num_features},) ({where})"
+        )
+    dtype = jnp.dtype(value.dtype)
+    allowed = allowed_dtypes(x_dtype)
+    if dtype not in allowed:
+        names = " or ".join(d.name for d in allowed)
+        raise TypeError(
+            f"mixed dtype: {owner}.{name} has dtype {dtype.name} but the input has dtype "
+            f"{jnp.dtype(x_dtype).name}; expected {names}"
+        )
+
+
+def check_counter(value: Any) -> None:
+    """``num_batches_tracked`` must be an integer scalar array."""
+    shape = tuple(getattr(value, "shape", (None,)))
+    if shape != ():
+        raise ValueError(f"state.num_batches_tracked has shape {shape}; expected () (a scalar)")
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"state.num_batches_tracked has dtype {jnp.dtype(value.dtype).name}; expected an "
+            "integer dtype (torch stores int64)"
+        )
+
+
+def check_state_and_params(x: Any, state: Any, params: Any, axis: int) -> None:
+    """Check every field of ``state`` and ``params`` against the input."""
+    shape = tuple(x.shape)
+    if state is not None:
+        check_channel_vector("state", "running_mean", state.running_mean, shape, axis, x.dtype)
+        check_channel_vector("state", "running_var", state.running_var, shape, axis, x.dtype)
+        check_counter(state.num_batches_tracked)
+    if params is not None:
+        check_channel_vector("params", "weight", params.weight, shape, axis, x.dtype)
+        check_channel_vector("params", "bias", params.bias, shape, axis, x.dtype)
+
+
+def check_batch_size(shape: tuple[int, ...], axis: int) -> None:
+    """torch's check whenever batch statistics are used: more than one value per channel."""
+    if count_per_channel(shape, axis) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {shape}"
+        )
