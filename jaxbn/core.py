@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
@@ -41,6 +42,11 @@ class BatchNormFlags:
         or ``None`` for a cumulative average driven by ``num_batches_tracked``.
       eps: added to the variance inside the square root.
       axis: the feature axis. ``1`` is PyTorch's layout (N, C, ...); ``-1`` is channels-last.
+      axis_name: a named mapped axis (or tuple of names) of ``shard_map``/``pmap``/``vmap`` over
+        which batch statistics are merged exactly, as ``torch.nn.SyncBatchNorm`` does. ``None``
+        (default): statistics of the local batch.
+      axis_index_groups: optional groups of device indices along ``axis_name`` that are
+        synchronized separately (torch's ``process_group``).
     """
 
     training: bool = True
@@ -48,6 +54,8 @@ class BatchNormFlags:
     momentum: float | None = 0.1
     eps: float = 1e-5
     axis: int = 1
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("training", "track_running_stats"):
@@ -71,6 +79,11 @@ class BatchNormFlags:
         if not isinstance(self.axis, (int, np.integer)) or isinstance(self.axis, bool):
             raise TypeError(f"BatchNormFlags.axis must be an int, got {type(self.axis).__name__}")
         object.__setattr__(self, "axis", int(self.axis))
+        if isinstance(self.axis_name, list):
+            object.__setattr__(self, "axis_name", tuple(self.axis_name))
+        if self.axis_index_groups is not None:
+            groups = tuple(tuple(int(i) for i in group) for group in self.axis_index_groups)
+            object.__setattr__(self, "axis_index_groups", groups)
 
     def replace(self, **changes) -> "BatchNormFlags":
         """A copy with some attributes changed, like assigning to the torch module's attributes."""
@@ -140,7 +153,7 @@ def update_state(state: BatchNormState, moments: Moments, momentum: float | None
     order of operations. Nothing here is differentiable (torch updates buffers under no_grad).
     """
     count = state.num_batches_tracked + 1
-    if moments.count == 0:
+    if isinstance(moments.count, int) and moments.count == 0:
         # torch returns early for an empty input: buffers untouched, counter already incremented.
         return state._replace(num_batches_tracked=count)
     dtype = stats_dtype(state.running_mean.dtype)
@@ -149,6 +162,11 @@ def update_state(state: BatchNormState, moments: Moments, momentum: float | None
     var = lax.stop_gradient(moments.unbiased_var).astype(dtype)
     running_mean = f * mean + (1 - f) * state.running_mean.astype(dtype)
     running_var = f * var + (1 - f) * state.running_var.astype(dtype)
+    if not isinstance(moments.count, int):
+        # Data-dependent count (mask / cross-device): an empty global batch changes nothing.
+        nonempty = moments.count > 0
+        running_mean = jnp.where(nonempty, running_mean, state.running_mean.astype(dtype))
+        running_var = jnp.where(nonempty, running_var, state.running_var.astype(dtype))
     return BatchNormState(
         running_mean=running_mean.astype(state.running_mean.dtype),
         running_var=running_var.astype(state.running_var.dtype),
@@ -185,6 +203,8 @@ def batch_norm(
     state: BatchNormState | None,
     params: BatchNormParams | None,
     flags: BatchNormFlags = BatchNormFlags(),
+    *,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """PyTorch's ``BatchNorm{1,2,3}d.forward`` as a pure function.
 
@@ -203,6 +223,9 @@ def batch_norm(
         ``track_running_stats=False``.
       params: ``BatchNormParams`` (weight, bias), or ``None`` for ``affine=False``.
       flags: the module's current attributes; see :class:`BatchNormFlags`.
+      mask: optional bool array of shape ``(N,)`` over axis 0: rows where it is False (padding)
+        are left out of the batch statistics but still normalized. Equivalent to torch on the
+        valid rows only.
 
     Returns:
       ``(y, new_state)``: ``y`` has ``x``'s shape and dtype; ``new_state`` is ``state`` with
@@ -216,11 +239,15 @@ def batch_norm(
     """
     feature_axis = validation.check_input(x, flags.axis)
     validation.check_state_and_params(x, state, params, feature_axis)
+    validation.check_mask(mask, tuple(x.shape), feature_axis)
     has_buffers = state is not None
 
     if uses_batch_stats(flags, has_buffers):
-        validation.check_batch_size(tuple(x.shape), feature_axis)
-        moments = batch_moments(x, feature_axis)
+        if mask is None and flags.axis_name is None:
+            validation.check_batch_size(tuple(x.shape), feature_axis)
+        moments = batch_moments(
+            x, feature_axis, mask, flags.axis_name, flags.axis_index_groups
+        )
         mean, var = moments.mean, moments.biased_var
     else:
         moments = None

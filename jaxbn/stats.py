@@ -14,7 +14,7 @@ float32, like torch's ``opmath`` type.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,22 +69,85 @@ def broadcast_channel(v: jax.Array, ndim: int, feature_axis: int) -> jax.Array:
     return v.reshape(shape)
 
 
-def batch_moments(x: jax.Array, feature_axis: int) -> Moments:
-    """Two-pass per-channel mean and sum of squared deviations of ``x``.
+def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``x`` with the rows where ``mask`` (shape ``(N,)``, axis 0) is False replaced by zeros.
+
+    ``where`` rather than a multiply, so NaN/inf padding cannot leak into the statistics.
+    """
+    if mask is None:
+        return x
+    return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def local_moments(x: jax.Array, feature_axis: int, mask: jax.Array | None = None) -> Moments:
+    """Two-pass per-channel moments of this device's ``x`` (rows where ``mask`` is False excluded).
+
+    Without a mask ``count`` is a static Python int; with one it is a traced scalar in the stats
+    dtype (number of valid rows times the elements per row and channel).
+    """
+    axes = reduction_axes(x.ndim, feature_axis)
+    dtype = stats_dtype(x.dtype)
+    xs = x.astype(dtype)
+    count = count_per_channel(x.shape, feature_axis)
+    if mask is not None:
+        per_row = count // x.shape[0] if x.shape[0] else 0
+        count = jnp.sum(mask.astype(dtype)) * per_row
+    mean = jnp.sum(masked(xs, mask), axis=axes) / jnp.asarray(count, dtype)
+    centered = masked(xs - broadcast_channel(mean, x.ndim, feature_axis), mask)
+    m2 = jnp.sum(jnp.square(centered), axis=axes)
+    return Moments(count=count, mean=mean, m2=m2)
+
+
+def all_reduce_moments(
+    moments: Moments, axis_name: Any, axis_index_groups: Any = None
+) -> Moments:
+    """Exact moments of the union of every device's batch along ``axis_name``.
+
+    Chan et al.'s parallel merge of each device's ``(count, mean, m2)``::
+
+        N = sum(n_i);  mean = sum(n_i * mean_i) / N;  m2 = sum(m2_i + n_i * (mean_i - mean)**2)
+
+    as two ``psum``s of per-channel vectors (the second needs the global mean), so uneven (or
+    empty) per-device batches are weighted by their counts, as torch's SyncBatchNorm does, and
+    the result is replicated. It equals single-device moments of the concatenated batch.
+    """
+    dtype = moments.mean.dtype
+    count = jnp.asarray(moments.count, dtype)
+    present = count > 0
+    zero = jnp.zeros((), dtype)
+    # A device with an empty batch has a NaN mean: give it exactly zero weight.
+    local_mean = jnp.where(present, moments.mean, zero)
+    total, weighted_sum = jax.lax.psum(
+        (count, count * local_mean), axis_name, axis_index_groups=axis_index_groups
+    )
+    mean = weighted_sum / total
+    spread = jnp.where(present, moments.m2 + count * jnp.square(local_mean - mean), zero)
+    m2 = jax.lax.psum(spread, axis_name, axis_index_groups=axis_index_groups)
+    return Moments(count=total, mean=mean, m2=m2)
+
+
+def batch_moments(
+    x: jax.Array,
+    feature_axis: int,
+    mask: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Per-channel moments of the (global, unmasked part of the) batch.
 
     Args:
       x: floating input of any rank >= 2.
       feature_axis: the non-negative channel axis; every other axis is reduced.
+      mask: optional bool ``(N,)`` over axis 0; False rows are excluded.
+      axis_name: optional named axis (or tuple of names) to merge statistics across devices.
+      axis_index_groups: optional device groups for the merge (as in ``jax.lax.psum``).
 
     Returns:
-      ``Moments`` with ``count`` a Python int and ``mean``/``m2`` of shape ``(C,)`` in
-      ``stats_dtype(x.dtype)``. For an empty batch the mean and m2 are NaN/0; callers must not
-      use them (torch leaves running statistics untouched then).
+      ``Moments`` in ``stats_dtype(x.dtype)``; ``count`` is a Python int when neither a mask nor
+      an axis name makes it data-dependent. An empty batch gives a NaN mean; callers must not use
+      it (torch leaves running statistics untouched then).
     """
-    axes = reduction_axes(x.ndim, feature_axis)
-    count = count_per_channel(x.shape, feature_axis)
-    xs = x.astype(stats_dtype(x.dtype))
-    mean = jnp.sum(xs, axis=axes) / np.asarray(count, xs.dtype)
-    centered = xs - broadcast_channel(mean, x.ndim, feature_axis)
-    m2 = jnp.sum(jnp.square(centered), axis=axes)
-    return Moments(count=count, mean=mean, m2=m2)
+    moments = local_moments(x, feature_axis, mask)
+    if axis_name is not None:
+        moments = all_reduce_moments(moments, axis_name, axis_index_groups)
+    return moments

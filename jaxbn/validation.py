@@ -112,3 +112,16 @@ def check_batch_size(shape: tuple[int, ...], axis: int) -> None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {shape}"
         )
+
+
+def check_mask(mask: Any, shape: tuple[int, ...], axis: int) -> None:
+    """A row mask must be a bool ``(N,)`` array over axis 0, which must not be the feature axis."""
+    if mask is None:
+        return
+    mask_shape = tuple(getattr(mask, "shape", (None,)))
+    if axis == 0:
+        raise ValueError(f"a row mask needs the batch on axis 0, but axis 0 is the feature axis (input shape {shape})")
+    if mask_shape != (shape[0],):
+        raise ValueError(f"mask has shape {mask_shape}; expected ({shape[0]},) for input shape {shape}")
+    if jnp.dtype(mask.dtype) != jnp.dtype(bool):
+        raise TypeError(f"mask has dtype {jnp.dtype(mask.dtype).name}; expected bool")
