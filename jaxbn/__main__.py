@@ -1,0 +1,60 @@
+"""``python -m jaxbn``: the command-line entry point.
+
+With no arguments (or ``table``) it prints torch's BatchNorm behaviour table, observed live by
+running jaxbn on a built-in example, with an "agrees with torch" column when torch is installed;
+the exit code is 1 if any row disagrees with torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+
+def _table(args: argparse.Namespace) -> int:
+    from . import behaviour
+
+    with_torch = False if args.no_torch else None
+    rows = behaviour.behaviour_table(with_torch=with_torch)
+    ex = behaviour.example()
+    print(
+        "torch.nn.BatchNorm2d behaviour, observed by running jaxbn.batch_norm (float64) on an "
+        f"input of shape {ex.x.shape}\nwith running_mean={ex.state.running_mean.tolist()}, "
+        f"running_var={ex.state.running_var.tolist()}, num_batches_tracked="
+        f"{int(ex.state.num_batches_tracked)}, eps={behaviour.EPS:g}.\n"
+    )
+    print(behaviour.format_table(rows))
+    ran_torch = any(r.torch_diff is not None for r in rows)
+    if not ran_torch:
+        print("\ntorch is not installed: no comparison (pip install 'jaxbn[torch]' torch==2.13.0).")
+        return 0
+    import torch
+
+    bad = [r for r in rows if not r.agrees]
+    print(f"\ntorch {torch.__version__}: {len(rows) - len(bad)} of {len(rows)} rows agree "
+          f"(tolerance {behaviour.AGREEMENT_TOLERANCE:g}).")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxbn", description="PyTorch's BatchNorm, exactly, in JAX.")
+    sub = parser.add_subparsers(dest="command")
+    table = sub.add_parser("table", help="print the behaviour table (the default)")
+    table.add_argument("--no-torch", action="store_true", help="skip the comparison with torch")
+    table.set_defaults(func=_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    jax.config.update("jax_enable_x64", True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["table", *(argv or [])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
