@@ -63,7 +63,9 @@ def batches(n: int, batch_size: int, rng: np.random.Generator):
         yield order[start : start + batch_size]
 
 
-def bn_kwargs(layer: str, momentum: float | None, untracked: tuple[str, ...], param_dtype: Any) -> dict:
+def bn_kwargs(
+    layer: str, momentum: float | None, untracked: tuple[str, ...], param_dtype: Any
+) -> dict:
     """Construction arguments of batch-norm layer ``layer`` (same for both adapters)."""
     return dict(
         momentum=momentum, track_running_stats=layer not in untracked, param_dtype=param_dtype
@@ -83,9 +85,10 @@ class LinenCNN(nn.Module):
             name=name, **bn_kwargs(name, self.momentum, self.untracked, self.param_dtype)
         )
         dense = dict(use_bias=False, param_dtype=self.param_dtype)
-        x = nn.Conv(WIDTHS[0], (3, 3), padding=((1, 1), (1, 1)), name="conv1", **dense)(x)
+        pad = ((1, 1), (1, 1))
+        x = nn.Conv(WIDTHS[0], (3, 3), padding=pad, name="conv1", **dense)(x)
         x = nn.relu(bn("bn1")(x, train))
-        x = nn.Conv(WIDTHS[1], (3, 3), strides=2, padding=((1, 1), (1, 1)), name="conv2", **dense)(x)
+        x = nn.Conv(WIDTHS[1], (3, 3), strides=2, padding=pad, name="conv2", **dense)(x)
         x = nn.relu(bn("bn2")(x, train))
         x = nn.Dense(WIDTHS[2], name="fc1", **dense)(x.reshape(x.shape[0], -1))
         x = nn.relu(bn("bn3")(x, train))
@@ -150,8 +153,10 @@ def nnx_forward(graphdef: nnx.GraphDef) -> Forward:
     return forward
 
 
-def linen_setup(model: LinenCNN, x: jax.Array, seed: int = 0) -> tuple[dict[bool, Forward], Any, Any]:
-    """``({train: forward}, params, batch_stats)`` for a linen model (``init`` leaves stats fresh)."""
+def linen_setup(
+    model: LinenCNN, x: jax.Array, seed: int = 0
+) -> tuple[dict[bool, Forward], Any, Any]:
+    """``({train: forward}, params, batch_stats)`` of a linen model; ``init`` leaves stats fresh."""
     variables = model.init(jax.random.key(seed), x, train=False)
     forwards = {train: linen_forward(model, train) for train in (True, False)}
     return forwards, variables["params"], variables.get("batch_stats", {})

@@ -1,7 +1,8 @@
 """What the Flax adapters share: module attributes + call-time overrides -> :class:`BatchNormFlags`.
 
 ``jaxbn.linen.BatchNorm`` and ``jaxbn.nnx.BatchNorm`` hold torch's attribute names
-(``track_running_stats``, ``momentum``, ``eps``) plus ``axis``. A call may override any of them
+(``track_running_stats``, ``momentum``, ``eps``) plus ``axis`` and, for ``SyncBatchNorm``,
+``axis_name`` / ``axis_index_groups``. A call may override any of them
 for that call only; because ``momentum=None`` is a meaningful value (torch's cumulative average),
 "not overridden" is spelled :data:`UNSET`. Translation lives here once; the adapters add only
 their framework's variable handling.
@@ -32,6 +33,8 @@ class ModuleAttributes(Protocol):
     momentum: float | None
     eps: float
     axis: int
+    axis_name: Any
+    axis_index_groups: Any
 
 
 def resolve_mode(call_value: bool | None, attribute_value: bool | None, name: str) -> bool:
@@ -56,11 +59,13 @@ def call_flags(
     track_running_stats: Any = UNSET,
     momentum: Any = UNSET,
     eps: Any = UNSET,
+    synchronize: bool = True,
 ) -> BatchNormFlags:
     """The flags for one call: the module's attributes, each replaced by its override if given.
 
     PyTorch equivalent: setting ``bn.track_running_stats``, ``bn.momentum``, ``bn.eps`` and
-    ``bn.train(training)`` just before ``bn(x)``.
+    ``bn.train(training)`` just before ``bn(x)``. ``synchronize=False`` drops ``axis_name``
+    (Flax's rule for ``init``, which runs outside the mapped axis).
     """
 
     def pick(override: Any, attribute: Any) -> Any:
@@ -72,4 +77,6 @@ def call_flags(
         momentum=pick(momentum, module.momentum),
         eps=pick(eps, module.eps),
         axis=module.axis,
+        axis_name=module.axis_name if synchronize else None,
+        axis_index_groups=module.axis_index_groups if synchronize else None,
     )

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from . import validation
 from .adapter_flags import UNSET, call_flags, resolve_mode
-from .core import BatchNormParams, BatchNormState, batch_norm, init_params, init_state, updates_buffers
+from .core import BatchNormParams, BatchNormState, batch_norm
+from .core import init_params, init_state, updates_buffers
 
 __all__ = ["BatchNorm", "UNSET"]
 
@@ -53,6 +54,9 @@ class BatchNorm(nn.Module):
       dtype: if set, the input is cast to it first (the output has the input's dtype, as in
         torch; a bf16 input with float32 variables is torch's mixed precision).
       param_dtype: dtype of the parameters and running statistics.
+      axis_name, axis_index_groups: merge batch statistics exactly over this mapped axis
+        (``shard_map`` / ``pmap`` / ``vmap``), torch's ``SyncBatchNorm``; ignored during ``init``
+        like Flax's BatchNorm.
     """
 
     num_features: int | None = None
@@ -64,6 +68,8 @@ class BatchNorm(nn.Module):
     axis: int = -1
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    axis_name: Any = None
+    axis_index_groups: Any = None
 
     @nn.compact
     def __call__(
@@ -74,6 +80,7 @@ class BatchNorm(nn.Module):
         track_running_stats: Any = UNSET,
         momentum: Any = UNSET,
         eps: Any = UNSET,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
         """Normalize ``x``; when training with running stats, write them to ``batch_stats``.
 
@@ -84,6 +91,7 @@ class BatchNorm(nn.Module):
             same name (default: the module's). ``track_running_stats=False`` on a module built
             with it True uses batch statistics and leaves ``batch_stats`` untouched in training,
             and the running statistics in eval, exactly like flipping the torch attribute.
+          mask: optional bool ``(N,)``: rows left out of the batch statistics (padding).
 
         Raises:
           ValueError: training would update the running statistics but ``batch_stats`` is not
@@ -92,7 +100,12 @@ class BatchNorm(nn.Module):
         """
         training = resolve_mode(train, self.train, "train")
         flags = call_flags(
-            self, training, track_running_stats=track_running_stats, momentum=momentum, eps=eps
+            self,
+            training,
+            track_running_stats=track_running_stats,
+            momentum=momentum,
+            eps=eps,
+            synchronize=not self.is_initializing(),
         )
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
@@ -111,7 +124,7 @@ class BatchNorm(nn.Module):
                 f"model.apply(variables, x, train=True, mutable=['{STATS}']) and keep the "
                 f"returned '{STATS}', or call with train=False to use the running statistics"
             )
-        y, new_state = batch_norm(x, state, params, flags)
+        y, new_state = batch_norm(x, state, params, flags, mask=mask)
         if writes:
             for variable, value in zip(stats, new_state):
                 variable.value = value

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .adapter_flags import UNSET, call_flags, resolve_mode
-from .core import BatchNormParams, BatchNormState, batch_norm, init_params, init_state, updates_buffers
+from .core import BatchNormParams, BatchNormState, batch_norm
+from .core import init_params, init_state, updates_buffers
 
 __all__ = ["BatchNorm", "UNSET"]
 
@@ -49,6 +50,8 @@ class BatchNorm(nnx.Module):
       dtype: if set, the input is cast to it first (the output has the input's dtype, as in
         torch; a bf16 input with float32 variables is torch's mixed precision).
       param_dtype: dtype of the parameters and running statistics.
+      axis_name, axis_index_groups: merge batch statistics exactly over this mapped axis
+        (``shard_map`` / ``pmap`` / ``vmap``), torch's ``SyncBatchNorm``.
       rngs: accepted for signature compatibility with ``flax.nnx.BatchNorm``; unused (torch's
         initial values are constants).
     """
@@ -65,6 +68,8 @@ class BatchNorm(nnx.Module):
         use_running_average: bool | None = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
         rngs: nnx.Rngs | None = None,
     ):
         del rngs
@@ -83,6 +88,8 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
 
     def __call__(
         self,
@@ -92,6 +99,7 @@ class BatchNorm(nnx.Module):
         track_running_stats: Any = UNSET,
         momentum: Any = UNSET,
         eps: Any = UNSET,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
         """Normalize ``x``; when training with running stats, update them in place.
 
@@ -101,6 +109,7 @@ class BatchNorm(nnx.Module):
             ``flax.nnx.BatchNorm``.
           track_running_stats, momentum, eps: this call's value of the attribute of the same
             name (default: the attribute); setting the attribute is the torch way.
+          mask: optional bool ``(N,)``: rows left out of the batch statistics (padding).
         """
         training = not resolve_mode(
             use_running_average, self.use_running_average, "use_running_average"
@@ -113,7 +122,7 @@ class BatchNorm(nnx.Module):
         params = None if self.weight is None else BatchNormParams(self.weight[...], self.bias[...])
         stats = tuple(getattr(self, name) for name in BatchNormState._fields)
         state = None if stats[0] is None else BatchNormState(*(v[...] for v in stats))
-        y, new_state = batch_norm(x, state, params, flags)
+        y, new_state = batch_norm(x, state, params, flags, mask=mask)
         if updates_buffers(flags, state is not None):
             for variable, value in zip(stats, new_state):
                 variable[...] = value

@@ -52,13 +52,14 @@ def variable_dtype(x, state, params):
     return x.dtype if reference is None else np.asarray(reference[0]).dtype
 
 
-def run_linen(x, state, params, flags: BatchNormFlags):
+def run_linen(x, state, params, flags: BatchNormFlags, mask=None):
     """One call of a linen module built like the torch one, with ``flags`` as call overrides."""
     module = jaxbn.linen.BatchNorm(
         affine=params is not None,
         track_running_stats=state is not None,
         axis=flags.axis,
         param_dtype=variable_dtype(x, state, params),
+        axis_name=flags.axis_name,
     )
     variables = {}
     if params is not None:
@@ -72,17 +73,18 @@ def run_linen(x, state, params, flags: BatchNormFlags):
         track_running_stats=flags.track_running_stats,
         momentum=flags.momentum,
         eps=flags.eps,
+        mask=mask,
         mutable=["batch_stats"],
     )
     new_state = None if state is None else BatchNormState(**updates["batch_stats"])
     return y, new_state
 
 
-def nnx_module(x, state, params, axis: int) -> jaxbn.nnx.BatchNorm:
+def nnx_module(x, state, params, flags: BatchNormFlags) -> jaxbn.nnx.BatchNorm:
     """An NNX module built like the torch one (affine / buffers), loaded with state and params."""
     bn = jaxbn.nnx.BatchNorm(
-        C, affine=params is not None, track_running_stats=state is not None, axis=axis,
-        param_dtype=variable_dtype(x, state, params),
+        C, affine=params is not None, track_running_stats=state is not None, axis=flags.axis,
+        param_dtype=variable_dtype(x, state, params), axis_name=flags.axis_name,
     )
     for name, value in {**(state or BatchNormState(None, None, None))._asdict(),
                         **(params or BatchNormParams(None, None))._asdict()}.items():
@@ -105,11 +107,11 @@ def nnx_state(bn: jaxbn.nnx.BatchNorm) -> BatchNormState | None:
     return BatchNormState(*(getattr(bn, name)[...] for name in BatchNormState._fields))
 
 
-def run_nnx(x, state, params, flags: BatchNormFlags):
+def run_nnx(x, state, params, flags: BatchNormFlags, mask=None):
     """One call of an NNX module whose attributes were set after construction."""
-    bn = nnx_module(x, state, params, flags.axis)
+    bn = nnx_module(x, state, params, flags)
     set_nnx_attributes(bn, flags)
-    return bn(jnp.asarray(x)), nnx_state(bn)
+    return bn(jnp.asarray(x), mask=mask), nnx_state(bn)
 
 
 RUNNERS = {"linen": run_linen, "nnx": run_nnx}
@@ -124,6 +126,11 @@ def assert_state_close(actual: BatchNormState | None, expected: BatchNormState |
     assert int(actual.num_batches_tracked) == int(expected.num_batches_tracked)
 
 
+def assert_stats_match_module(batch_stats: dict, torch_bn: torch.nn.Module):
+    """A linen ``batch_stats`` collection equals the torch module's buffers."""
+    assert_state_close(BatchNormState(**batch_stats), torch_oracle.module_state(torch_bn))
+
+
 ROWS = list(itertools.product([True, False], [True, False], [True, False]))
 
 
@@ -134,7 +141,9 @@ ROWS = list(itertools.product([True, False], [True, False], [True, False]))
 )
 @pytest.mark.parametrize("axis", [-1, 1], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("adapter", sorted(RUNNERS))
-def test_every_semantics_row_matches_torch(adapter, axis, training, buffers, tracking, momentum, affine):
+def test_every_semantics_row_matches_torch(
+    adapter, axis, training, buffers, tracking, momentum, affine
+):
     rng = np.random.default_rng(0)
     x = input_with_features_on(axis, rng)
     state = nonfresh_state(rng) if buffers else None
@@ -145,6 +154,33 @@ def test_every_semantics_row_matches_torch(adapter, axis, training, buffers, tra
     y_torch, state_torch = torch_oracle.batch_norm(x, state, params, flags)
 
     np.testing.assert_allclose(np.asarray(y), y_torch, rtol=0, atol=TOL)
+    assert_state_close(new_state, state_torch)
+
+
+@pytest.mark.parametrize("adapter", sorted(RUNNERS))
+def test_axis_name_merges_shards_like_sync_batchnorm_over_the_whole_batch(adapter):
+    rng = np.random.default_rng(10)
+    x = input_with_features_on(-1, rng)
+    state, params = nonfresh_state(rng), random_params(rng)
+    flags = BatchNormFlags(axis=-1, axis_name="batch")
+    shards = x.reshape(2, x.shape[0] // 2, *x.shape[1:])
+    run = lambda shard: RUNNERS[adapter](shard, state, params, flags)  # noqa: E731
+    y, new_state = jax.vmap(run, axis_name="batch")(shards)
+    y_torch, state_torch = torch_oracle.batch_norm(x, state, params, flags.replace(axis_name=None))
+    np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y_torch, rtol=0, atol=TOL)
+    assert_state_close(jax.tree.map(lambda a: a[1], new_state), state_torch)
+
+
+@pytest.mark.parametrize("adapter", sorted(RUNNERS))
+def test_mask_leaves_padding_rows_out_of_the_statistics(adapter):
+    rng = np.random.default_rng(11)
+    x = input_with_features_on(-1, rng)
+    state, params = nonfresh_state(rng), random_params(rng)
+    valid = np.array([True, False, True, True])
+    flags = BatchNormFlags(axis=-1)
+    y, new_state = RUNNERS[adapter](x, state, params, flags, mask=jnp.asarray(valid))
+    y_torch, state_torch = torch_oracle.batch_norm(x[valid], state, params, flags)
+    np.testing.assert_allclose(np.asarray(y)[valid], y_torch, rtol=0, atol=TOL)
     assert_state_close(new_state, state_torch)
 
 
@@ -244,7 +280,8 @@ def test_linen_training_with_immutable_batch_stats_says_to_pass_mutable():
     # No update happens in these calls, so nothing has to be mutable:
     module.apply(variables, x, train=False)
     module.apply(variables, x, train=True, track_running_stats=False)
-    jaxbn.linen.BatchNorm(track_running_stats=False).apply({"params": variables["params"]}, x, train=True)
+    untracked = jaxbn.linen.BatchNorm(track_running_stats=False, param_dtype=jnp.float64)
+    untracked.apply({"params": variables["params"]}, x, train=True)
 
 
 def test_linen_init_leaves_stats_as_torch_constructs_them():
@@ -252,11 +289,11 @@ def test_linen_init_leaves_stats_as_torch_constructs_them():
     module = jaxbn.linen.BatchNorm(momentum=None, param_dtype=jnp.float64)
     variables = module.init(jax.random.key(0), x, train=True)
     torch_bn = torch.nn.BatchNorm2d(C, momentum=None).double()
-    assert_state_close(BatchNormState(**variables["batch_stats"]), torch_oracle.module_state(torch_bn))
+    assert_stats_match_module(variables["batch_stats"], torch_bn)
     # ... and the first real training call is torch's first call (momentum=None: f = 1).
     _, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
     torch_oracle.forward(torch_bn, x, axis=-1)
-    assert_state_close(BatchNormState(**updates["batch_stats"]), torch_oracle.module_state(torch_bn))
+    assert_stats_match_module(updates["batch_stats"], torch_bn)
 
 
 @pytest.mark.parametrize("axis", [-1, 1], ids=["nhwc", "nchw"])
@@ -269,13 +306,19 @@ def test_linen_infers_num_features_like_lazy_batchnorm(axis):
     y_torch = torch_oracle.forward(lazy, x, axis=axis).detach().numpy()
     assert lazy.num_features == C == variables["params"]["weight"].shape[0]
     np.testing.assert_allclose(np.asarray(y), y_torch, rtol=0, atol=TOL)
-    assert_state_close(BatchNormState(**updates["batch_stats"]), torch_oracle.module_state(lazy))
+    assert_stats_match_module(updates["batch_stats"], lazy)
 
 
 def test_linen_num_features_mismatch_raises_torchs_message():
     x = jnp.asarray(input_with_features_on(-1, np.random.default_rng(7)), jnp.float32)
     with pytest.raises(ValueError, match=f"running_mean should contain {C} elements not 3"):
         jaxbn.linen.BatchNorm(num_features=3).init(jax.random.key(0), x, train=True)
+
+
+def test_linen_init_runs_outside_the_mapped_axis():
+    x = jnp.ones((4, C), jnp.float32)
+    variables = jaxbn.linen.BatchNorm(axis_name="batch").init(jax.random.key(0), x, train=True)
+    assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
 
 
 def test_linen_needs_a_mode():
@@ -305,7 +348,7 @@ def test_linen_under_jit_retraces_only_for_new_overrides():
         variables = {**variables, **updates}
         torch_oracle.forward(torch_bn, x, axis=-1)
     assert len(traces) == 1
-    assert_state_close(BatchNormState(**variables["batch_stats"]), torch_oracle.module_state(torch_bn))
+    assert_stats_match_module(variables["batch_stats"], torch_bn)
 
 
 @pytest.mark.parametrize("adapter", sorted(RUNNERS))

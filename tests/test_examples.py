@@ -15,9 +15,11 @@ EPOCHS = 3  # the scripts default to 15; 3 already reaches ~0.95 on held-out dig
 MIN_ACCURACY = 0.85
 
 
+@pytest.mark.slow  # a fresh interpreter each (jax + sklearn import): ~7 s apiece
 @pytest.mark.parametrize("script", ["train_digits_linen.py", "train_digits_nnx.py"])
 def test_example_trains_to_high_eval_accuracy(script):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}  # this checkout's jaxbn, as when run from the root
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--epochs", str(EPOCHS)],
         capture_output=True, text=True, env=env, timeout=300, check=False,
