@@ -20,7 +20,6 @@ from helpers import (
     random_input,
     random_params,
     random_state,
-    to_torch_input,
     torch_dtype,
 )
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
@@ -33,7 +32,7 @@ def torch_error(module, x, axis=1):
     """The exception torch raises for ``module(x)`` (fails the test if it raises none)."""
     with pytest.raises(Exception) as info:
         with torch.no_grad():
-            torch_oracle.forward(module, to_torch_input(x), axis)
+            torch_oracle.forward(module, torch_oracle.to_torch(x), axis)
     return info.value
 
 
@@ -57,7 +56,7 @@ def test_rank_below_two(shape):
     assert wording in message and str(shape) in message
     if shape:  # torch's BatchNorm1d, same wording
         with pytest.raises(ValueError, match=re.escape(wording)):
-            torch.nn.BatchNorm1d(C).double()(to_torch_input(x))
+            torch.nn.BatchNorm1d(C).double()(torch_oracle.to_torch(x))
 
 
 @pytest.mark.parametrize("axis", [2, -3, 7])
@@ -254,7 +253,7 @@ def test_accepted_dtype_combinations_are_torchs(x_dtype, training):
         module = torch_module_with_dtypes(state_dtype, params_dtype).train(training)
         try:
             with torch.no_grad():
-                module(to_torch_input(x))
+                module(torch_oracle.to_torch(x))
             torch_raised = None
         except RuntimeError as e:
             torch_raised = e
