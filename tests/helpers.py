@@ -178,14 +178,15 @@ def torch_grads(module: torch.nn.Module, x: Any, dy: Any, axis: int) -> tuple[np
     return tuple(torch_oracle.to_numpy(g) for g in grads)
 
 
-def jaxbn_grad_fn(state: BatchNormState | None, flags: BatchNormFlags, dy: Any) -> Callable:
-    """``(x, params) -> (dx, dparams)`` for ``sum(batch_norm(x, state, params, flags)[0] * dy)``."""
+def jaxbn_grads(x: Any, params: BatchNormParams | None, state: BatchNormState | None, dy: Any,
+                flags: BatchNormFlags, fn: Callable = jaxbn.batch_norm) -> tuple:
+    """jax.grad of ``sum(fn(x, state, params, flags)[0] * dy)``: ``(dx, dparams)``; jit-able."""
 
     def loss(x, params):
-        y, _ = jaxbn.batch_norm(x, state, params, flags)
+        y, _ = fn(x, state, params, flags)
         return jnp.sum(y * dy)
 
-    return jax.grad(loss, argnums=(0, 1))
+    return jax.grad(loss, argnums=(0, 1))(x, params)
 
 
 def assert_grads_match(jax_grads: tuple, torch_grads_: tuple, tol: float, what: str = "") -> float:

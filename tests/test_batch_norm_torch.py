@@ -111,3 +111,23 @@ def test_random_mutation_sequence_matches_torch(seed):
                          loc=float(rng.normal(0, 3)), scale=float(rng.uniform(0.1, 3)))
         pair.step_and_compare(x, flags, what=f"step {step} {flags}")
         flags = mutate(rng, flags)
+
+
+F32_TOL = 1e-5  # outputs are O(1) here; torch folds into x * alpha + beta, jaxbn subtracts first
+
+
+@pytest.mark.parametrize("momentum", MOMENTA, ids=lambda m: f"momentum={m}")
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("rank,axis", LAYOUTS, ids=[f"rank{r}_axis{a}" for r, a in LAYOUTS])
+def test_float32_matches_torch_float32(rank, axis, training, momentum):
+    """The same layer in float32 on both sides agrees to float32 rounding."""
+    rng = np.random.default_rng(seed_of("float32", rank, axis, training, momentum))
+    flags = BatchNormFlags(training=training, momentum=momentum, axis=axis)
+    state = random_state(rng, NUM_FEATURES, jnp.float32)
+    params = random_params(rng, NUM_FEATURES, jnp.float32)
+    pair = LayerPair.build(NUM_FEATURES, rank, state, params, flags, dtype=torch.float32)
+    for step, batch in enumerate(STEP_BATCHES):
+        x = random_input(rng, input_shape(rank, NUM_FEATURES, axis, batch=batch), np.float32,
+                         loc=step, scale=2.0)
+        pair.step_and_compare(x, flags, tol=F32_TOL, what=f"step {step}")
+        assert pair.state.running_mean.dtype == jnp.float32

@@ -113,7 +113,7 @@ def test_non_floating_input_is_a_type_error(dtype):
     assert '"batch_norm" not implemented for' in message
     assert '"batch_norm" not implemented for' in str(
         torch_error(torch.nn.BatchNorm1d(C, affine=False, track_running_stats=False),
-                    torch.from_numpy(np.ones((4, C), jnp.dtype(dtype)))))
+                    np.ones((4, C), jnp.dtype(dtype))))
 
 
 # -- one value per channel ----------------------------------------------------------------------
