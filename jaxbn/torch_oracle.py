@@ -33,8 +33,11 @@ def to_numpy(t: "torch.Tensor | None") -> np.ndarray | None:
 
 
 def to_torch(a: Any) -> "torch.Tensor":
-    """A tensor that owns a copy of ``a`` (a NumPy or JAX array)."""
-    return torch.from_numpy(np.array(a, copy=True))
+    """A tensor that owns a copy of ``a`` (a NumPy or JAX array; bf16 stays bf16)."""
+    a = np.array(a, copy=True)
+    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy rejects
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def build_module(

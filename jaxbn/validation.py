@@ -94,6 +94,24 @@ def check_counter(value: Any) -> None:
         )
 
 
+def check_one_dtype(state: Any, params: Any) -> None:
+    """torch keeps weight, bias, running_mean and running_var in one dtype and rejects a mixture,
+    even of dtypes each allowed alone (float32 buffers with bf16 parameters for a bf16 input).
+    """
+    fields = {}
+    if state is not None:
+        fields.update({"state.running_mean": state.running_mean, "state.running_var": state.running_var})
+    if params is not None:
+        fields.update({"params.weight": params.weight, "params.bias": params.bias})
+    dtypes = {name: jnp.dtype(value.dtype) for name, value in fields.items()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} has dtype {dtype.name}" for name, dtype in dtypes.items())
+        raise TypeError(
+            "mixed dtype: state and params must share one dtype (the input's, or float32 for a "
+            f"bf16/fp16 input), but {listing}"
+        )
+
+
 def check_state_and_params(x: Any, state: Any, params: Any, axis: int) -> None:
     """Check every field of ``state`` and ``params`` against the input."""
     shape = tuple(x.shape)
@@ -104,6 +122,7 @@ def check_state_and_params(x: Any, state: Any, params: Any, axis: int) -> None:
     if params is not None:
         check_channel_vector("params", "weight", params.weight, shape, axis, x.dtype)
         check_channel_vector("params", "bias", params.bias, shape, axis, x.dtype)
+    check_one_dtype(state, params)
 
 
 def check_batch_size(shape: tuple[int, ...], axis: int) -> None:

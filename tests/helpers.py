@@ -1,0 +1,201 @@
+"""Shared test helpers: random inputs/state/params, a jaxbn layer stepped beside a torch module.
+
+Torch is the oracle everywhere (via :mod:`jaxbn.torch_oracle`); nothing here computes an expected
+value itself. Arrays move between the frameworks as copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jaxbn
+from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
+
+# The oracle runs on tiny tensors: torch's intra-op thread pool only adds latency there, and on
+# a shared 2-core machine its spinning threads made single calls take 5-20 ms instead of 20 us.
+torch.set_num_threads(1)
+
+F64_TOL = 1e-10
+"""Max abs difference allowed against torch in float64."""
+
+MOMENTA = (0.1, None, 0.0)
+
+
+def feature_axes(rank: int) -> tuple[int, ...]:
+    """PyTorch layout, channels-last, and one more axis (the batch axis up to rank 3, else 2)."""
+    return (1, -1, 0 if rank <= 3 else 2)
+
+
+def input_shape(rank: int, num_features: int, axis: int, batch: int = 3, spatial: int = 2) -> tuple[int, ...]:
+    """A rank-``rank`` shape with ``num_features`` on ``axis``, ``batch`` and ``spatial`` elsewhere.
+
+    The first non-feature axis gets ``batch``; later ones ``spatial, spatial + 1, ...`` so that no
+    two axes are confusable.
+    """
+    axis = axis % rank
+    others = [a for a in range(rank) if a != axis]
+    shape = [num_features] * rank
+    for k, a in enumerate(others):
+        shape[a] = batch if k == 0 else spatial + k - 1
+    return tuple(shape)
+
+
+def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any = np.float64,
+                 loc: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """Normal data with a random per-element offset so channels have distinct statistics."""
+    return (loc + scale * rng.standard_normal(shape) + rng.uniform(-1, 1, shape)).astype(dtype)
+
+
+def random_state(rng: np.random.Generator, num_features: int, dtype: Any = jnp.float64,
+                 count: int | None = None) -> BatchNormState:
+    """Buffers that differ from a fresh layer's: random mean, positive var, a nonzero counter."""
+    count = int(rng.integers(1, 6)) if count is None else count
+    template = jaxbn.init_state(num_features, dtype)
+    return BatchNormState(
+        running_mean=jnp.asarray(rng.standard_normal(num_features), dtype),
+        running_var=jnp.asarray(rng.uniform(0.5, 2.0, num_features), dtype),
+        num_batches_tracked=jnp.asarray(count, template.num_batches_tracked.dtype),
+    )
+
+
+def random_params(rng: np.random.Generator, num_features: int, dtype: Any = jnp.float64) -> BatchNormParams:
+    """Weight and bias that differ from torch's init (weight away from zero)."""
+    return BatchNormParams(
+        weight=jnp.asarray(rng.uniform(0.5, 1.5, num_features) * rng.choice([-1, 1], num_features), dtype),
+        bias=jnp.asarray(rng.standard_normal(num_features), dtype),
+    )
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Max abs difference in float64 (0 for empty arrays); shapes must match."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def assert_close(actual: Any, expected: Any, tol: float, what: str = "") -> float:
+    """Assert max abs diff <= tol (NaNs must coincide); return the diff."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{what}: NaN pattern")
+    diff = max_abs_diff(np.nan_to_num(a), np.nan_to_num(e))
+    assert diff <= tol, f"{what}: max abs diff {diff:.3e} > {tol:.1e}"
+    return diff
+
+
+def assert_state_matches(actual: BatchNormState | None, expected: BatchNormState | None,
+                         tol: float, what: str = "") -> float:
+    """Running stats within ``tol``, counter exactly equal, ``None`` iff ``None``."""
+    assert (actual is None) == (expected is None), f"{what}: state {actual!r} vs torch {expected!r}"
+    if actual is None:
+        return 0.0
+    assert int(actual.num_batches_tracked) == int(expected.num_batches_tracked), (
+        f"{what}: num_batches_tracked {int(actual.num_batches_tracked)} "
+        f"!= torch {int(expected.num_batches_tracked)}"
+    )
+    return max(
+        assert_close(actual.running_mean, expected.running_mean, tol, f"{what} running_mean"),
+        assert_close(actual.running_var, expected.running_var, tol, f"{what} running_var"),
+    )
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """The torch dtype of a NumPy/JAX dtype (bfloat16 included)."""
+    name = jnp.dtype(dtype).name
+    return getattr(torch, name)
+
+
+@dataclasses.dataclass
+class LayerPair:
+    """A jaxbn layer (state, params) and the torch module a user would build for it.
+
+    Both are stepped with the same input and flags; the torch module persists across steps and is
+    mutated with :func:`jaxbn.torch_oracle.apply_flags`, exactly as a torch user would mutate it.
+    """
+
+    module: torch.nn.Module
+    state: BatchNormState | None
+    params: BatchNormParams | None
+
+    @classmethod
+    def build(cls, num_features: int, rank: int, state: BatchNormState | None,
+              params: BatchNormParams | None, flags: BatchNormFlags,
+              dtype: torch.dtype | None = torch.float64) -> "LayerPair":
+        module = torch_oracle.build_module(num_features, rank, state, params, flags, dtype)
+        return cls(module=module, state=state, params=params)
+
+    def step(self, x: Any, flags: BatchNormFlags,
+             fn: Callable = jaxbn.batch_norm) -> tuple[Any, np.ndarray]:
+        """One call of both; returns ``(jaxbn y, torch y)`` and carries jaxbn's state forward."""
+        torch_oracle.apply_flags(self.module, flags)
+        with torch.no_grad():
+            y_torch = torch_oracle.forward(self.module, torch_oracle.to_torch(x), flags.axis)
+        y, self.state = fn(jnp.asarray(x), self.state, self.params, flags)
+        return y, torch_oracle.to_numpy(y_torch)
+
+    def torch_state(self) -> BatchNormState | None:
+        return torch_oracle.module_state(self.module)
+
+    def step_and_compare(self, x: Any, flags: BatchNormFlags, tol: float = F64_TOL,
+                         what: str = "", fn: Callable = jaxbn.batch_norm,
+                         state_tol: float | None = None) -> float:
+        """Step both and assert output, dtype and buffers agree; return the max diff seen.
+
+        ``tol`` bounds the output, ``state_tol`` (default ``tol``) the running stats.
+        """
+        y, y_torch = self.step(x, flags, fn)
+        assert y.dtype == jnp.asarray(x).dtype, f"{what}: output dtype {y.dtype} != input {jnp.asarray(x).dtype}"
+        diff = assert_close(y, y_torch, tol, f"{what} output")
+        state_tol = tol if state_tol is None else state_tol
+        return max(diff, assert_state_matches(self.state, self.torch_state(), state_tol, what))
+
+
+def seed_of(*parts: Any) -> int:
+    """A stable seed from test parameters (Python's ``hash`` of strings is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def torch_grads(module: torch.nn.Module, x: Any, dy: Any, axis: int) -> tuple[np.ndarray, ...]:
+    """torch autograd of ``sum(module(x) * dy)``: ``(dx, dweight, dbias)`` (None without affine)."""
+    xt = torch_oracle.to_torch(x).requires_grad_(True)
+    y = torch_oracle.forward(module, xt, axis)
+    (y * torch_oracle.to_torch(dy)).sum().backward()
+    grads = [xt.grad]
+    if module.weight is not None:
+        grads += [module.weight.grad, module.bias.grad]
+        module.zero_grad()
+    else:
+        grads += [None, None]
+    return tuple(torch_oracle.to_numpy(g) for g in grads)
+
+
+def jaxbn_grads(x: Any, params: BatchNormParams | None, state: BatchNormState | None, dy: Any,
+                flags: BatchNormFlags, fn: Callable = jaxbn.batch_norm) -> tuple:
+    """jax.grad of ``sum(fn(x, state, params, flags)[0] * dy)``: ``(dx, dparams)``; jit-able."""
+
+    def loss(x, params):
+        y, _ = fn(x, state, params, flags)
+        return jnp.sum(y * dy)
+
+    return jax.grad(loss, argnums=(0, 1))(x, params)
+
+
+def assert_grads_match(jax_grads: tuple, torch_grads_: tuple, tol: float, what: str = "") -> float:
+    """Compare jaxbn's ``(dx, dparams)`` with torch's ``(dx, dweight, dbias)``."""
+    dx, dparams = jax_grads
+    tdx, tdw, tdb = torch_grads_
+    diff = assert_close(dx, tdx, tol, f"{what} dx")
+    assert (dparams is None) == (tdw is None), f"{what}: params grad {dparams!r} vs torch {tdw!r}"
+    if dparams is not None:
+        diff = max(diff, assert_close(dparams.weight, tdw, tol, f"{what} dweight"),
+                   assert_close(dparams.bias, tdb, tol, f"{what} dbias"))
+    return diff
