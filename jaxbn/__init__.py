@@ -6,6 +6,8 @@ The public API:
   ``BatchNorm{1,2,3}d.forward`` with every call-time attribute.
 * :class:`BatchNormFlags`, :class:`BatchNormState`, :class:`BatchNormParams`,
   :func:`init_state`, :func:`init_params`.
+* :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
+  sharing batch norm's state, params and core.
 """
 
 from .core import (
@@ -16,17 +18,20 @@ from .core import (
     init_params,
     init_state,
 )
+from .instance_norm import InstanceNormFlags, instance_norm
 from .stats import Moments, batch_moments
 
 __all__ = [
     "BatchNormFlags",
     "BatchNormParams",
     "BatchNormState",
+    "InstanceNormFlags",
     "Moments",
     "batch_moments",
     "batch_norm",
     "init_params",
     "init_state",
+    "instance_norm",
 ]
 
 __version__ = "0.1.0"
