@@ -8,6 +8,8 @@ The public API:
   :func:`init_state`, :func:`init_params`.
 * ``jaxbn.linen.BatchNorm`` / ``jaxbn.nnx.BatchNorm`` -- ``torch.nn.BatchNorm*d`` as Flax
   modules (submodules, imported on first access).
+* :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
+  sharing batch norm's state, params and core.
 """
 
 from .core import (
@@ -18,17 +20,20 @@ from .core import (
     init_params,
     init_state,
 )
+from .instance_norm import InstanceNormFlags, instance_norm
 from .stats import Moments, batch_moments
 
 __all__ = [
     "BatchNormFlags",
     "BatchNormParams",
     "BatchNormState",
+    "InstanceNormFlags",
     "Moments",
     "batch_moments",
     "batch_norm",
     "init_params",
     "init_state",
+    "instance_norm",
 ]
 
 __version__ = "0.1.0"

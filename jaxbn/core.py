@@ -46,7 +46,12 @@ class BatchNormFlags:
         which batch statistics are merged exactly, as ``torch.nn.SyncBatchNorm`` does. ``None``
         (default): statistics of the local batch.
       axis_index_groups: optional groups of device indices along ``axis_name`` that are
-        synchronized separately (torch's ``process_group``).
+        synchronized separately (torch's ``process_group``). JAX supports this under ``pmap``
+        only; under ``shard_map`` use a mesh axis per group instead (see docs/scaling.md).
+      skip_nonfinite_updates: opt-in guard (not in torch). When True and a training batch yields
+        a non-finite batch mean or variance in any channel, the running statistics *and*
+        ``num_batches_tracked`` stay as they were (torch poisons them with NaN for good); the
+        output is still computed from the batch statistics. Default False: torch parity.
     """
 
     training: bool = True
@@ -56,9 +61,10 @@ class BatchNormFlags:
     axis: int = 1
     axis_name: Hashable | tuple[Hashable, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    skip_nonfinite_updates: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("training", "track_running_stats"):
+        for name in ("training", "track_running_stats", "skip_nonfinite_updates"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(
@@ -146,11 +152,18 @@ def update_factor(momentum: float | None, count: jax.Array, dtype: jnp.dtype) ->
     return jnp.asarray(momentum, dtype)
 
 
-def update_state(state: BatchNormState, moments: Moments, momentum: float | None) -> BatchNormState:
+def update_state(
+    state: BatchNormState,
+    moments: Moments,
+    momentum: float | None,
+    skip_nonfinite: bool = False,
+) -> BatchNormState:
     """One torch buffer update: the counter always counts; the stats move unless the batch is empty.
 
     ``running = f * batch + (1 - f) * running`` with the *unbiased* batch variance, in torch's
     order of operations. Nothing here is differentiable (torch updates buffers under no_grad).
+    With ``skip_nonfinite`` a non-empty batch whose mean or unbiased variance is non-finite in
+    any channel leaves the whole state (counter included) unchanged.
     """
     count = state.num_batches_tracked + 1
     if isinstance(moments.count, int) and moments.count == 0:
@@ -167,11 +180,17 @@ def update_state(state: BatchNormState, moments: Moments, momentum: float | None
         nonempty = moments.count > 0
         running_mean = jnp.where(nonempty, running_mean, state.running_mean.astype(dtype))
         running_var = jnp.where(nonempty, running_var, state.running_var.astype(dtype))
-    return BatchNormState(
+    new_state = BatchNormState(
         running_mean=running_mean.astype(state.running_mean.dtype),
         running_var=running_var.astype(state.running_var.dtype),
         num_batches_tracked=count,
     )
+    if skip_nonfinite:
+        finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
+        if not isinstance(moments.count, int):
+            finite = finite | (moments.count == 0)  # an empty batch still counts, as in torch
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state
 
 
 def normalize(
@@ -257,5 +276,5 @@ def batch_norm(
     y = normalize(x, mean, var, params, flags.eps, feature_axis)
 
     if updates_buffers(flags, has_buffers):
-        return y, update_state(state, moments, flags.momentum)
+        return y, update_state(state, moments, flags.momentum, flags.skip_nonfinite_updates)
     return y, state

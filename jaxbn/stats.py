@@ -102,7 +102,9 @@ def local_moments(x: jax.Array, feature_axis: int, mask: jax.Array | None = None
     correction = jnp.sum(centered, axis=axes) / n
     m2 = jnp.sum(jnp.square(centered), axis=axes) - n * jnp.square(correction)
     m2 = jnp.maximum(m2, 0)  # rounding must not turn a constant channel's 0 negative
-    return Moments(count=count, mean=rough_mean + correction, m2=m2)
+    # A channel holding inf has an infinite mean (as in torch), not the NaN of inf - inf.
+    mean = jnp.where(jnp.isfinite(correction), rough_mean + correction, rough_mean)
+    return Moments(count=count, mean=mean, m2=m2)
 
 
 def all_reduce_moments(
@@ -124,13 +126,31 @@ def all_reduce_moments(
     zero = jnp.zeros((), dtype)
     # A device with an empty batch has a NaN mean: give it exactly zero weight.
     local_mean = jnp.where(present, moments.mean, zero)
-    total, weighted_sum = jax.lax.psum(
+    total, weighted_sum = psum(
         (count, count * local_mean), axis_name, axis_index_groups=axis_index_groups
     )
     mean = weighted_sum / total
     spread = jnp.where(present, moments.m2 + count * jnp.square(local_mean - mean), zero)
-    m2 = jax.lax.psum(spread, axis_name, axis_index_groups=axis_index_groups)
+    m2 = psum(spread, axis_name, axis_index_groups=axis_index_groups)
     return Moments(count=total, mean=mean, m2=m2)
+
+
+def psum(value: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
+    """``jax.lax.psum`` that says why ``axis_index_groups`` fails outside ``pmap``.
+
+    JAX implements index groups for ``pmap`` only; ``shard_map`` raises a bare
+    ``NotImplementedError`` and ``vmap`` a terse one.
+    """
+    try:
+        return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+    except NotImplementedError as e:
+        if axis_index_groups is None:
+            raise
+        raise NotImplementedError(
+            f"BatchNormFlags.axis_index_groups={axis_index_groups} is only supported by JAX under "
+            f"jax.pmap (this JAX raised {type(e).__name__}: {e!s:.200}). Under shard_map, give "
+            "each group its own mesh axis and pass only the inner axis as axis_name."
+        ) from e
 
 
 def batch_moments(

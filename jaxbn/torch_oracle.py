@@ -1,4 +1,4 @@
-"""Real ``torch.nn.BatchNorm*d`` driven with jaxbn's flags: the oracle for equivalence checks.
+"""Real ``torch.nn.BatchNorm*d`` (and ``InstanceNorm*d``) driven with jaxbn's flags: the oracle.
 
 Requires the optional ``torch`` extra. Everything here mirrors how a torch user holds a module:
 build it once (``affine`` and ``track_running_stats`` at construction), mutate its attributes
@@ -19,7 +19,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxbn.torch_oracle needs PyTorch: pip install 'jaxbn[torch]'") from e
 
-_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+_SUFFIXES = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
 
 
 def to_numpy(t: "torch.Tensor | None") -> np.ndarray | None:
@@ -47,15 +47,17 @@ def build_module(
     params: BatchNormParams | None,
     flags: BatchNormFlags,
     dtype: "torch.dtype" = None,
+    family: str = "BatchNorm",
 ) -> "torch.nn.Module":
     """``nn.BatchNorm{1,2,3}d`` for a rank-``ndim`` input, constructed like the jaxbn layer.
 
     ``affine = params is not None`` and ``track_running_stats = state is not None`` at
     construction; buffers/params are then loaded from ``state``/``params`` and ``flags`` applied.
+    ``family="InstanceNorm"`` builds ``nn.InstanceNorm{1,2,3}d`` for a *batched* input instead.
     """
-    if ndim not in _MODULES:
-        raise ValueError(f"torch has BatchNorm modules for inputs of rank 2 to 5, not {ndim}")
-    cls = getattr(torch.nn, _MODULES[ndim])
+    if ndim not in _SUFFIXES or (family == "InstanceNorm" and ndim < 3):
+        raise ValueError(f"torch has {family} modules for batched inputs of rank 2/3 to 5, not {ndim}")
+    cls = getattr(torch.nn, family + _SUFFIXES[ndim])
     module = cls(
         num_features,
         eps=flags.eps,
@@ -120,16 +122,68 @@ def forward(module: "torch.nn.Module", x: Any, axis: int = 1) -> "torch.Tensor":
     return torch.movedim(y, 1, axis)
 
 
+def vjp(
+    module: "torch.nn.Module", x: Any, cotangent: Any, axis: int = 1, mask: Any = None
+) -> tuple[np.ndarray, np.ndarray, BatchNormParams | None]:
+    """torch autograd of ``sum(y * cotangent)`` for ``y = module(x)``: ``(y, dx, (dw, db))``.
+
+    The module's buffers are updated as by any forward call; the params entry is ``None`` when
+    the module has no affine parameters.
+
+    With ``mask`` this is torch's meaning of ``jaxbn.batch_norm(x, ..., mask=mask)``: the rows
+    where ``mask`` (bool, axis 0) is True go through ``module`` -- real torch batch norm on the
+    valid rows only. The other (padded) rows are normalized with the statistics the
+    module used for the valid rows (their biased batch statistics, or the running ones in eval
+    with buffers) and the same affine map, written as torch ops so that autograd gives their
+    gradient too (they only have the direct path: no statistic depends on them). The loss
+    ``sum(y * cotangent)`` runs over all rows.
+    """
+    xt = to_torch(x).requires_grad_(True)
+    for p in module.parameters():
+        p.grad = None
+    if mask is None:
+        y = forward(module, xt, axis)
+    else:
+        y = _masked_forward(module, xt, np.asarray(mask, dtype=bool), axis)
+    (y * to_torch(cotangent)).sum().backward()
+    grads = None
+    if module.weight is not None:
+        grads = BatchNormParams(weight=to_numpy(module.weight.grad), bias=to_numpy(module.bias.grad))
+    return to_numpy(y), to_numpy(xt.grad), grads
+
+
+def _masked_forward(module: "torch.nn.Module", xt: "torch.Tensor", mask: np.ndarray, axis: int) -> "torch.Tensor":
+    """The masked forward of :func:`vjp` (differentiable)."""
+    channels_first = torch.movedim(xt, axis % xt.dim(), 1)
+    keep = torch.from_numpy(mask.copy())
+    valid, padded = channels_first[keep], channels_first[~keep]
+    if module.training or module.running_mean is None:
+        dims = [d for d in range(valid.dim()) if d != 1]
+        var, mean = torch.var_mean(valid, dim=dims, unbiased=False)
+    else:
+        mean, var = module.running_mean, module.running_var
+    per_channel = [1, -1] + [1] * (valid.dim() - 2)
+    y_padded = (padded - mean.view(per_channel)) * torch.rsqrt(var.view(per_channel) + module.eps)
+    if module.weight is not None:
+        y_padded = y_padded * module.weight.view(per_channel) + module.bias.view(per_channel)
+    y = channels_first.new_zeros(channels_first.shape)
+    y[keep] = module(valid)
+    y[~keep] = y_padded
+    return torch.movedim(y, 1, axis % xt.dim())
+
+
 def batch_norm(
     x: Any,
     state: BatchNormState | None,
     params: BatchNormParams | None,
     flags: BatchNormFlags = BatchNormFlags(),
+    family: str = "BatchNorm",
 ) -> tuple[np.ndarray, BatchNormState | None]:
     """What torch computes for ``jaxbn.batch_norm(x, state, params, flags)``: ``(y, new_state)``.
 
     Arrays are NumPy; ``x``'s dtype decides the module's dtype unless state/params are float32
-    with a half-precision input (torch's mixed precision).
+    with a half-precision input (torch's mixed precision). ``family="InstanceNorm"`` gives what
+    torch computes for ``jaxbn.instance_norm`` (see :func:`instance_norm`).
     """
     x = np.asarray(x)
     axis = flags.axis % x.ndim
@@ -137,7 +191,17 @@ def batch_norm(
     dtype = None
     if reference is not None:
         dtype = to_torch(np.asarray(reference[0])).dtype
-    module = build_module(x.shape[axis], x.ndim, state, params, flags, dtype)
+    module = build_module(x.shape[axis], x.ndim, state, params, flags, dtype, family)
     with torch.no_grad():
         y = forward(module, x, axis)
     return to_numpy(y), module_state(module)
+
+
+def instance_norm(
+    x: Any,
+    state: BatchNormState | None,
+    params: BatchNormParams | None,
+    flags: BatchNormFlags,
+) -> tuple[np.ndarray, BatchNormState | None]:
+    """What torch's ``nn.InstanceNorm{1,2,3}d`` computes for ``jaxbn.instance_norm(...)``."""
+    return batch_norm(x, state, params, flags, family="InstanceNorm")

@@ -144,3 +144,28 @@ def check_mask(mask: Any, shape: tuple[int, ...], axis: int) -> None:
         raise ValueError(f"mask has shape {mask_shape}; expected ({shape[0]},) for input shape {shape}")
     if jnp.dtype(mask.dtype) != jnp.dtype(bool):
         raise TypeError(f"mask has dtype {jnp.dtype(mask.dtype).name}; expected bool")
+
+
+def check_instance_input(shape: tuple[int, ...], axis: int, axis_name: Any) -> None:
+    """Instance norm needs a batched input ``(N, C, *spatial)`` and statistics per instance."""
+    if len(shape) < 3:
+        raise ValueError(
+            f"expected at least 3D input (got {len(shape)}D input): instance norm needs a batch "
+            f"axis, a feature axis and spatial axes (input shape {shape}); for torch's unbatched "
+            "(C, *spatial) input pass x[None] and take y[0]"
+        )
+    if axis == 0:
+        raise ValueError(f"instance norm needs the batch on axis 0, but axis 0 is the feature axis (input shape {shape})")
+    if axis_name is not None:
+        raise ValueError(
+            f"instance norm computes its statistics per instance; flags.axis_name={axis_name!r} "
+            "has nothing to synchronize (torch has no SyncInstanceNorm): pass axis_name=None"
+        )
+
+
+def check_spatial_size(shape: tuple[int, ...], axis: int) -> None:
+    """torch's ``_verify_spatial_size`` whenever instance norm uses input statistics."""
+    if count_per_channel(shape[1:], axis - 1) == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {shape}"
+        )
