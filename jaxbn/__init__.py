@@ -6,6 +6,8 @@ The public API:
   ``BatchNorm{1,2,3}d.forward`` with every call-time attribute.
 * :class:`BatchNormFlags`, :class:`BatchNormState`, :class:`BatchNormParams`,
   :func:`init_state`, :func:`init_params`.
+* ``jaxbn.linen.BatchNorm`` / ``jaxbn.nnx.BatchNorm`` -- ``torch.nn.BatchNorm*d`` as Flax
+  modules (submodules, imported on first access).
 """
 
 from .core import (
@@ -30,3 +32,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("linen", "nnx")
+
+
+def __getattr__(name: str):
+    """Import the Flax adapters lazily: ``jaxbn.linen`` and ``jaxbn.nnx``."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
