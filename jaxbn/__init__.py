@@ -8,6 +8,10 @@ The public API:
   :func:`init_state`, :func:`init_params`.
 * ``jaxbn.linen.BatchNorm`` / ``jaxbn.nnx.BatchNorm`` -- ``torch.nn.BatchNorm*d`` as Flax
   modules (submodules, imported on first access).
+* ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),
+  ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack`` reading and
+  writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
+  access.
 """
 
 from .core import (
@@ -33,11 +37,11 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("linen", "nnx")
+_SUBMODULES = ("linen", "nnx", "porting", "checkpoint_io", "testing")
 
 
 def __getattr__(name: str):
-    """Import the Flax adapters lazily: ``jaxbn.linen`` and ``jaxbn.nnx``."""
+    """Import the optional submodules lazily (Flax adapters, porting, checkpoint I/O, testing)."""
     if name in _SUBMODULES:
         import importlib
 
