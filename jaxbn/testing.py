@@ -43,6 +43,11 @@ class Divergence:
     torch_name: str
     flax_name: str
     max_abs_diff: float
+    tolerance: float = 0.0
+
+    @property
+    def diverges(self) -> bool:
+        return self.max_abs_diff > self.tolerance
 
     def __str__(self) -> str:
         return f"{self.torch_name} (flax {self.flax_name}): max abs diff {self.max_abs_diff:.3e}"
@@ -62,7 +67,7 @@ class StepComparison:
 
     @property
     def ok(self) -> bool:
-        return self.output_diff <= self.atol and self.state_diff <= self.atol
+        return self.output_diff <= self.atol and self.first_variable is None
 
     def __str__(self) -> str:
         s = (f"{self.mode:5s} step {self.step}: output max abs diff {self.output_diff:.3e}, "
@@ -104,6 +109,12 @@ def _max_diff(a: Any, b: Any) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _tolerance(reference: np.ndarray, atol: float) -> float:
+    """``atol`` for values of magnitude <= 1, relative above (activations, running variances)."""
+    ref = np.asarray(reference, np.float64)
+    return atol * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
 
 
 def _layout_diff(torch_out: np.ndarray, flax_out: np.ndarray) -> float | None:
@@ -168,27 +179,34 @@ class _TorchRun:
         return checkpoint_io.tensor_to_numpy(y)
 
 
-def _flax_step(module, variables, x, training, kwargs, loss, target, lr):
-    """One Flax step: ``(output, new variables, intermediates)``."""
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    mutable = ["intermediates"] + (["batch_stats"] if training and "batch_stats" in variables else [])
+def _flax_stepper(module, training, kwargs, loss, lr) -> Callable:
+    """A jitted Flax step ``(variables, x, target) -> (output, new variables, intermediates)``."""
+    mutable = ("intermediates", "batch_stats") if training else ("intermediates",)
+    sgd = training and lr is not None
 
-    def run(params):
-        y, updates = module.apply({"params": params, **rest}, x, capture_intermediates=True,
-                                  mutable=mutable, **kwargs)
-        value = loss(y, target) if (training and lr is not None) else jnp.zeros(())
-        return value, (y, updates)
+    def step(variables, x, target):
+        rest = {k: v for k, v in variables.items() if k != "params"}
 
-    params = variables.get("params", {})
-    if training and lr is not None:
-        grads, (y, updates) = jax.grad(run, has_aux=True)(params)
-        params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
-    else:
-        _, (y, updates) = run(params)
-    updates = dict(updates)
-    intermediates = updates.pop("intermediates", {})
-    new = dict(variables, params=params, **updates) if "params" in variables else dict(variables, **updates)
-    return np.asarray(y), new, intermediates
+        def run(params):
+            y, updates = module.apply({"params": params, **rest}, x, capture_intermediates=True,
+                                      mutable=[m for m in mutable if m == "intermediates" or m in variables],
+                                      **kwargs)
+            return (loss(y, target) if sgd else jnp.zeros(())), (y, updates)
+
+        params = variables.get("params", {})
+        if sgd:
+            grads, (y, updates) = jax.grad(run, has_aux=True)(params)
+            params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        else:
+            _, (y, updates) = run(params)
+        updates = dict(updates)
+        intermediates = updates.pop("intermediates", {})
+        new = dict(variables, **updates)
+        if "params" in variables:
+            new["params"] = params
+        return y, new, intermediates
+
+    return jax.jit(step)
 
 
 def _flax_layer_outputs(intermediates: Mapping) -> dict[str, tuple[str, np.ndarray]]:
@@ -209,19 +227,20 @@ def _first_layer(torch_outputs, flax_outputs, atol) -> Divergence | None:
         if match is None:
             continue
         diff = _layout_diff(t_out, match[1])
-        if diff is not None and diff > atol:
-            return Divergence(name, match[0], diff)
+        if diff is not None and diff > _tolerance(t_out, atol):
+            return Divergence(name, match[0], diff, _tolerance(t_out, atol))
     return None
 
 
-def _state_diffs(torch_module, variables, rules) -> list[Divergence]:
+def _state_diffs(torch_module, variables, rules, atol) -> list[Divergence]:
     """Per-variable diffs in ``state_dict`` order (torch state ported to the Flax layout)."""
     sd = torch_module.state_dict()
     ported, report = porting.torch_to_flax(sd, variables, rules=rules)
     flat_ported = porting._flatten(ported)
     flat_mine = porting._flatten(variables)
     return [Divergence(e.torch_key, "/".join(map(str, e.flax_path)),
-                       _max_diff(flat_ported[e.flax_path], flat_mine[e.flax_path]))
+                       _max_diff(flat_ported[e.flax_path], flat_mine[e.flax_path]),
+                       _tolerance(flat_ported[e.flax_path], atol))
             for e in report.matched]
 
 
@@ -262,7 +281,9 @@ def check_equivalence(
         step (``p -= lr * grad``) on ``loss`` (``"cross_entropy"``, ``"mse"`` or a
         ``(torch_fn, jax_fn)`` pair) against ``targets[step]``, in both frameworks.
       rules: name rules for :func:`jaxbn.porting.torch_to_flax` if names differ.
-      atol: max abs diff allowed for outputs and every state variable.
+      atol: max abs diff allowed for the outputs; for each layer output and state variable
+        it is scaled by ``max(1, max |torch value|)`` (activations and running variances can
+        be large).
     """
     torch_loss, jax_loss = _losses(loss) if loss is not None else (None, None)
     lr = learning_rate if loss is not None else None
@@ -276,20 +297,20 @@ def check_equivalence(
         training = mode == "train"
         kwargs = train_kwargs if training else eval_kwargs
         run, state = _TorchRun(torch_module), variables
+        flax_step = _flax_stepper(flax_module, training, dict(kwargs), jax_loss, lr)
         for step in range(steps):
             x = inputs[step % len(inputs)]
             target = None if targets is None else targets[step % len(targets)]
             y_t = run.step(x, training, torch_loss, target, lr)
-            y_f, state, intermediates = _flax_step(
-                flax_module, state, to_flax_input(x), training, kwargs, jax_loss,
-                None if target is None else jnp.asarray(target), lr)
-            y_f = from_flax_output(y_f)
-            diffs = _state_diffs(run.module, state, rules)
+            y_f, state, intermediates = flax_step(
+                state, to_flax_input(x), None if target is None else jnp.asarray(target))
+            y_f = from_flax_output(np.asarray(y_f))
+            diffs = _state_diffs(run.module, state, rules, atol)
             results.append(StepComparison(
                 mode=mode, step=step + 1, output_diff=_max_diff(y_t, y_f),
                 state_diff=max((d.max_abs_diff for d in diffs), default=0.0),
                 first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol),
-                first_variable=next((d for d in diffs if d.max_abs_diff > atol), None),
+                first_variable=next((d for d in diffs if d.diverges), None),
                 atol=atol))
     return EquivalenceReport(results, atol)
 
