@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from . import checkpoint_io
+from .core import counter_dtype
 
 __all__ = [
     "PortReport",
@@ -366,14 +367,22 @@ def torch_to_flax(
         out[p] = np.zeros((), leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
     if strict and not report.ok:
         raise PortingError(report, "torch state_dict into Flax variables")
-    return _unflatten({p: _as_jax(v) for p, v in out.items()}), report
+    return _unflatten({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
 
 
-def _as_jax(value: Any) -> Any:
+def _as_jax(value: Any, name: str) -> Any:
+    """``jnp.asarray``, refusing the silent float64 -> float32 JAX does when x64 is off."""
     if isinstance(value, jax.ShapeDtypeStruct):
         return value
     import jax.numpy as jnp
 
+    value = np.asarray(value)
+    if jax.dtypes.canonicalize_dtype(value.dtype) != value.dtype:
+        raise TypeError(
+            f"{name} is {value.dtype}, which JAX would silently turn into "
+            f"{jax.dtypes.canonicalize_dtype(value.dtype)} because jax_enable_x64 is off: call "
+            f"jax.config.update('jax_enable_x64', True) first, or give a target in the smaller "
+            f"dtype (torch_to_flax(..., cast=True))")
     return jnp.asarray(value)
 
 
@@ -445,7 +454,8 @@ def structural_flax_target(state_dict: Mapping[str, Any]) -> dict:
     ``running_var``, ``num_batches_tracked`` go to ``batch_stats``; everything else to ``params``
     under its torch name (so BatchNorm ``weight``/``bias`` suit :class:`jaxbn.linen.BatchNorm`).
     A BatchNorm with ``running_mean`` but no ``num_batches_tracked`` (torch's version 1) gets a
-    counter of 0.
+    counter of 0. Counters get JAX's integer type (int64 with ``jax_enable_x64``, else int32,
+    range-checked); float64 tensors need ``jax_enable_x64``.
     """
     arrays = {k: _numpy(v) for k, v in state_dict.items()}
     flat: dict[tuple, Any] = {}
@@ -460,6 +470,9 @@ def structural_flax_target(state_dict: Mapping[str, Any]) -> dict:
             flat[(collection, *path, leaf)] = jax.ShapeDtypeStruct(a.shape, a.dtype)
         if leaf == "running_mean" and f"{module + '.' if module else ''}{COUNTER}" not in arrays:
             flat[("batch_stats", *path, COUNTER)] = jax.ShapeDtypeStruct((), np.int64)
+    counter = counter_dtype()  # int32 without x64: counters are range-checked on conversion
+    flat = {p: jax.ShapeDtypeStruct(v.shape, counter) if str(p[-1]) == COUNTER else v
+            for p, v in flat.items()}
     return _unflatten(flat)
 
 
@@ -530,4 +543,4 @@ def load_variables(path: str, target: Any, *, cast: bool = False, strict: bool =
             report.matched.append(Entry(name, p, "identity", value.shape, value.shape))
     if strict and not report.ok:
         raise PortingError(report, f"{path!r} into the target variables")
-    return _unflatten({p: _as_jax(v) for p, v in out.items()}), report
+    return _unflatten({p: _as_jax(v, _show(p)) for p, v in out.items()}), report

@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,28 +180,43 @@ class _TorchRun:
         return checkpoint_io.tensor_to_numpy(y)
 
 
+def _forward(module: Any, training: bool, kwargs: Mapping[str, Any]) -> Callable:
+    """``(variables, x) -> (y, updated collections, intermediates)`` for a linen module or an
+    apply function ``(variables, x, training) -> (y, updated collections)``."""
+    if not isinstance(module, nn.Module):
+        def forward(variables, x):
+            y, updates = module(variables, x, training)
+            return y, dict(updates or {}), {}
+
+        return forward
+
+    def forward(variables, x):
+        mutable = ["intermediates"] + (["batch_stats"] if training and "batch_stats" in variables else [])
+        y, updates = module.apply(variables, x, capture_intermediates=True, mutable=mutable, **kwargs)
+        updates = dict(updates)
+        return y, updates, updates.pop("intermediates", {})
+
+    return forward
+
+
 def _flax_stepper(module, training, kwargs, loss, lr) -> Callable:
-    """A jitted Flax step ``(variables, x, target) -> (output, new variables, intermediates)``."""
-    mutable = ("intermediates", "batch_stats") if training else ("intermediates",)
+    """A jitted step ``(variables, x, target) -> (output, new variables, intermediates)``."""
+    forward = _forward(module, training, kwargs)
     sgd = training and lr is not None
 
     def step(variables, x, target):
         rest = {k: v for k, v in variables.items() if k != "params"}
 
         def run(params):
-            y, updates = module.apply({"params": params, **rest}, x, capture_intermediates=True,
-                                      mutable=[m for m in mutable if m == "intermediates" or m in variables],
-                                      **kwargs)
-            return (loss(y, target) if sgd else jnp.zeros(())), (y, updates)
+            y, updates, intermediates = forward({"params": params, **rest}, x)
+            return (loss(y, target) if sgd else jnp.zeros(())), (y, updates, intermediates)
 
         params = variables.get("params", {})
         if sgd:
-            grads, (y, updates) = jax.grad(run, has_aux=True)(params)
+            grads, (y, updates, intermediates) = jax.grad(run, has_aux=True)(params)
             params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
         else:
-            _, (y, updates) = run(params)
-        updates = dict(updates)
-        intermediates = updates.pop("intermediates", {})
+            _, (y, updates, intermediates) = run(params)
         new = dict(variables, **updates)
         if "params" in variables:
             new["params"] = params
@@ -262,14 +278,16 @@ def check_equivalence(
     rules: porting.Rules = None,
     atol: float = 1e-9,
 ) -> EquivalenceReport:
-    """Run a torch module and a Flax linen module side by side; compare after every step.
+    """Run a torch module and its Flax port side by side; compare after every step.
 
     PyTorch equivalent: running ``torch_module`` and its port in lock-step in your own test.
 
     Args:
       torch_module: the reference ``torch.nn.Module`` (copied; not modified).
       flax_module: the linen module (``apply(variables, x, **kwargs)``) using
-        :class:`jaxbn.linen.BatchNorm`.
+        :class:`jaxbn.linen.BatchNorm`; or a JAX apply function
+        ``(variables, x, training) -> (y, updated collections e.g. {'batch_stats': ...})``
+        (then layers cannot be located, only variables).
       variables: its variables; ``None`` ports ``torch_module.state_dict()`` into it.
       inputs: one torch-layout NumPy batch per step (cycled if fewer than ``steps``).
       steps: steps per mode.
@@ -288,6 +306,9 @@ def check_equivalence(
     torch_loss, jax_loss = _losses(loss) if loss is not None else (None, None)
     lr = learning_rate if loss is not None else None
     if variables is None:
+        if not isinstance(flax_module, nn.Module):
+            raise TypeError("variables=None ports the torch weights into a linen module; with an "
+                            "apply function pass the variables (see jaxbn.porting.torch_to_flax)")
         example = to_flax_input(inputs[0])
         target = porting.target_from_module(flax_module, example, **eval_kwargs)
         variables, _ = porting.torch_to_flax(torch_module.state_dict(), target, rules=rules)

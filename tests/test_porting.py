@@ -268,3 +268,17 @@ def test_save_and_load_variables_checked_against_target(tmp_path, ext):
     assert '"batch_stats/bn/running_mean"' in msg.split("Unexpected")[1]
     assert "size mismatch for params/head_0/kernel" in msg
     assert "dtype mismatch for params/bn/weight" in msg
+
+
+def test_without_x64_counters_become_int32_and_float64_is_never_silently_narrowed():
+    sd32 = _randomize(TorchNet()).state_dict()
+    sd64 = _randomize(TorchNet().double()).state_dict()
+    with jax.enable_x64(False):
+        variables, _ = porting.torch_to_flax(sd32, porting.structural_flax_target(sd32))
+        counter = variables["batch_stats"]["bn"]["num_batches_tracked"]
+        assert counter.dtype == jnp.int32 and int(counter) == 17
+        sd32["bn.num_batches_tracked"] = torch.tensor(2**31)
+        with pytest.raises(PortingError, match="does not fit the target's int32"):
+            porting.torch_to_flax(sd32, porting.structural_flax_target(sd32))
+        with pytest.raises((PortingError, TypeError), match="float64"):
+            porting.torch_to_flax(sd64, porting.structural_flax_target(sd64))

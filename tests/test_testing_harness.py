@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jaxbn.linen as jl
+from jaxbn import porting
 from jaxbn.testing import assert_equivalent, check_equivalence
 
 F64 = jnp.float64
@@ -54,8 +55,8 @@ def setup():
     return net, inputs, targets
 
 
-def _run(net, module, inputs, targets, **kw):
-    return check_equivalence(net, module, None, inputs, steps=3, to_flax_input=lambda x: x.transpose(0, 2, 3, 1),
+def _run(net, module, inputs, targets, variables=None, **kw):
+    return check_equivalence(net, module, variables, inputs, steps=3, to_flax_input=lambda x: x.transpose(0, 2, 3, 1),
                              loss="cross_entropy", targets=targets, learning_rate=0.5, **kw)
 
 
@@ -91,3 +92,22 @@ def test_wrong_momentum_is_located_at_that_variable(setup):
     assert not first.ok and first.first_variable.torch_name == "head.1.running_mean"
     assert first.first_variable.flax_name == "batch_stats/head_1/running_mean"
     assert first.first_layer is None
+
+
+def test_plain_apply_function_is_accepted_and_variables_still_located(setup):
+    net, inputs, targets = setup
+
+    def apply_fn(module):
+        def apply(variables, x, training):
+            if training:
+                return module.apply(variables, x, train=True, mutable=["batch_stats"])
+            return module.apply(variables, x, train=False), {}
+        return apply
+
+    target = porting.target_from_module(FlaxNet(), jnp.zeros((1, 6, 6, 3), F64))
+    variables, _ = porting.torch_to_flax(net.state_dict(), target)
+    good = _run(net, apply_fn(FlaxNet()), inputs, targets, variables, atol=1e-10)
+    assert good.ok, str(good)
+    bad = _run(net, apply_fn(FlaxNet(head_momentum=0.1)), inputs, targets, variables, modes=("train",))
+    assert bad.steps[0].first_variable.torch_name == "head.1.running_mean"
+    assert bad.steps[0].first_layer is None
