@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "numpy_to_tensor",
 ]
 
+BFLOAT16 = np.dtype(jnp.bfloat16)  # ml_dtypes.bfloat16, as JAX uses it
 FORMATS = ("torch", "safetensors", "npz", "msgpack")
 _EXTENSIONS = {
     ".pt": "torch",
@@ -63,7 +64,7 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.contiguous().view(torch.int16).numpy().view(BFLOAT16).copy()
     return t.numpy().copy()
 
 
@@ -72,7 +73,7 @@ def numpy_to_tensor(a: Any) -> Any:
     import torch
 
     a = np.array(a, copy=True)
-    if a.dtype == ml_dtypes.bfloat16:
+    if a.dtype == BFLOAT16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
@@ -255,7 +256,7 @@ def write_checkpoint(
     path = os.fspath(path)
     format = format_for_path(path) if format is None else format
     arrays = {k: tensor_to_numpy(v) if _is_torch_tensor(v) else np.asarray(v) for k, v in flat.items()}
-    if format == "npz" and any(a.dtype == ml_dtypes.bfloat16 for a in arrays.values()):
+    if format == "npz" and any(a.dtype == BFLOAT16 for a in arrays.values()):
         raise CheckpointError(".npz cannot store bfloat16 readably; write .safetensors instead")
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".jaxbn-", suffix=".tmp", dir=directory)

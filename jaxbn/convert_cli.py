@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{args.input!r} holds Flax variables (names with '/'); pass --to-torch to convert them to torch")
             target = _nest(like, args.like) if like is not None else porting.structural_flax_target(flat)
             variables, report = porting.torch_to_flax(flat, target, cast=args.cast)
-            out = {"/".join(map(str, p)): v for p, v in porting._flatten(variables).items()}
+            out = {"/".join(map(str, p)): v for p, v in porting.flatten_tree(variables).items()}
         checkpoint_io.write_checkpoint(out, args.output)
     except checkpoint_io.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -84,4 +84,4 @@ def _nest(flat: dict, path: str) -> dict:
         raise checkpoint_io.CheckpointError(
             f"{path!r} does not hold Flax variables (names like params/conv1/kernel); it looks "
             "like a torch state_dict")
-    return porting._unflatten({tuple(k.split("/")): v for k, v in flat.items()})
+    return porting.unflatten_tree({tuple(k.split("/")): v for k, v in flat.items()})

@@ -49,6 +49,7 @@ __all__ = [
     "PortReport",
     "PortingError",
     "canonical_name",
+    "flatten_tree",
     "flax_to_torch",
     "load_variables",
     "save_variables",
@@ -56,6 +57,7 @@ __all__ = [
     "structural_torch_target",
     "target_from_module",
     "torch_to_flax",
+    "unflatten_tree",
 ]
 
 Rules = Callable[[str], "str | None"] | Sequence[tuple[str, str]] | None
@@ -175,18 +177,19 @@ def _flax_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------- trees
 
-def _plain(tree: Any) -> Any:
+def plain_tree(tree: Any) -> Any:
     """Plain nested dicts from FrozenDict / nnx.State / dict."""
     if hasattr(tree, "to_pure_dict"):
         from flax import nnx
 
         tree = nnx.to_pure_dict(tree)
     if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
+        return {k: plain_tree(v) for k, v in tree.items()}
     return tree
 
 
-def _flatten(tree: Any) -> dict[tuple, Any]:
+def flatten_tree(tree: Any) -> dict[tuple, Any]:
+    """``{path tuple: leaf}`` of nested mappings (variables dicts, FrozenDict, NNX state)."""
     flat = {}
 
     def visit(prefix: tuple, node: Any) -> None:
@@ -196,11 +199,12 @@ def _flatten(tree: Any) -> dict[tuple, Any]:
         else:
             flat[prefix] = node
 
-    visit((), _plain(tree))
+    visit((), plain_tree(tree))
     return flat
 
 
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+def unflatten_tree(flat: Mapping[tuple, Any]) -> dict:
+    """Nested plain dicts from ``{path tuple: leaf}`` (the inverse of :func:`flatten_tree`)."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -342,7 +346,7 @@ def torch_to_flax(
       ``(variables, report)``: plain nested dicts of ``jax.Array`` shaped like ``target``.
     """
     arrays = {k: _numpy(v) for k, v in state_dict.items()}
-    flax_flat = _flatten(target)
+    flax_flat = flatten_tree(target)
     entries, unmatched, missing, filled, ignored = _plan(
         {k: a.shape for k, a in arrays.items()}, flax_flat, rules)
     report = PortReport(matched=[], missing_keys=missing, unexpected_keys=unmatched, ignored=ignored,
@@ -367,7 +371,7 @@ def torch_to_flax(
         out[p] = np.zeros((), leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
     if strict and not report.ok:
         raise PortingError(report, "torch state_dict into Flax variables")
-    return _unflatten({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
+    return unflatten_tree({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
 
 
 def _as_jax(value: Any, name: str) -> Any:
@@ -392,6 +396,7 @@ def flax_to_torch(
     *,
     rules: Rules = None,
     strict: bool = True,
+    cast: bool = False,
     as_torch: bool = False,
 ) -> tuple[dict, PortReport]:
     """A torch ``state_dict`` from Flax variables, for ``torch_model.load_state_dict(strict=True)``.
@@ -405,12 +410,13 @@ def flax_to_torch(
         :func:`structural_torch_target`). Same name rules as :func:`torch_to_flax`, applied to
         these torch keys.
       strict: raise :class:`PortingError` on any problem.
+      cast: allow converting between floating dtypes (else a dtype mismatch is an error).
       as_torch: return torch tensors (else NumPy arrays), bit-exact either way.
     """
     if hasattr(torch_target, "state_dict") and callable(torch_target.state_dict):
         torch_target = torch_target.state_dict()
     targets = {k: _numpy(v) for k, v in torch_target.items()}
-    flax_flat = {p: np.asarray(v) for p, v in _flatten(variables).items()}
+    flax_flat = {p: np.asarray(v) for p, v in flatten_tree(variables).items()}
     entries, unmatched, unused, filled, ignored = _plan(
         {k: a.shape for k, a in targets.items()}, flax_flat, rules)
     report = PortReport(missing_keys=unmatched, unexpected_keys=unused + [_show(p) for p in filled],
@@ -424,7 +430,7 @@ def flax_to_torch(
                 f"{e.torch_key}: {_show(e.flax_path)} has shape {e.flax_shape} ({e.transform} "
                 f"layout {value.shape}), the torch model expects {want.shape}")
             continue
-        value = _coerce(_show(e.flax_path), value, want, False, report)
+        value = _coerce(_show(e.flax_path), value, want, cast, report)
         if value is not None:
             out[e.torch_key] = value
             report.matched.append(e)
@@ -473,7 +479,7 @@ def structural_flax_target(state_dict: Mapping[str, Any]) -> dict:
     counter = counter_dtype()  # int32 without x64: counters are range-checked on conversion
     flat = {p: jax.ShapeDtypeStruct(v.shape, counter) if str(p[-1]) == COUNTER else v
             for p, v in flat.items()}
-    return _unflatten(flat)
+    return unflatten_tree(flat)
 
 
 def _flax_module_path(module: str) -> tuple[str, ...]:
@@ -494,7 +500,7 @@ def structural_torch_target(variables: Any) -> dict[str, np.ndarray]:
     really named ``conv_1`` would come out as ``conv.1``: give the torch model or a reference
     checkpoint instead, CLI ``--like``.)
     """
-    flat = _flatten(variables)
+    flat = flatten_tree(variables)
     linen = _is_linen(flat)
     out: dict[str, np.ndarray] = {}
     for path, leaf in flat.items():
@@ -513,7 +519,7 @@ def structural_torch_target(variables: Any) -> dict[str, np.ndarray]:
 def save_variables(variables: Any, path: str) -> None:
     """Write Flax variables as Flax msgpack (``.msgpack``, ``flax.serialization``) or
     ``.safetensors`` (names ``params/layer1_0/bn1/weight``), atomically."""
-    flat = {_show(p): np.asarray(v) for p, v in _flatten(variables).items()}
+    flat = {_show(p): np.asarray(v) for p, v in flatten_tree(variables).items()}
     checkpoint_io.write_checkpoint(flat, path)
 
 
@@ -524,7 +530,7 @@ def load_variables(path: str, target: Any, *, cast: bool = False, strict: bool =
     and shapes and dtypes are checked; all problems are reported together.
     """
     loaded = checkpoint_io.read_checkpoint(path)
-    flax_flat = _flatten(target)
+    flax_flat = flatten_tree(target)
     shown = {_show(p): p for p in flax_flat}
     report = PortReport(missing_keys=[s for s in shown if s not in loaded],
                         unexpected_keys=[k for k in loaded if k not in shown])
@@ -543,4 +549,4 @@ def load_variables(path: str, target: Any, *, cast: bool = False, strict: bool =
             report.matched.append(Entry(name, p, "identity", value.shape, value.shape))
     if strict and not report.ok:
         raise PortingError(report, f"{path!r} into the target variables")
-    return _unflatten({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
+    return unflatten_tree({p: _as_jax(v, _show(p)) for p, v in out.items()}), report

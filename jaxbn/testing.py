@@ -228,7 +228,7 @@ def _flax_stepper(module, training, kwargs, loss, lr) -> Callable:
 def _flax_layer_outputs(intermediates: Mapping) -> dict[str, tuple[str, np.ndarray]]:
     """``{canonical module name: (flax name, output)}`` from ``capture_intermediates``."""
     out = {}
-    for path, value in porting._flatten(intermediates).items():
+    for path, value in porting.flatten_tree(intermediates).items():
         if path[-1] != "__call__" or len(path) < 2:
             continue
         value = value[0] if isinstance(value, tuple) else value
@@ -252,8 +252,8 @@ def _state_diffs(torch_module, variables, rules, atol) -> list[Divergence]:
     """Per-variable diffs in ``state_dict`` order (torch state ported to the Flax layout)."""
     sd = torch_module.state_dict()
     ported, report = porting.torch_to_flax(sd, variables, rules=rules)
-    flat_ported = porting._flatten(ported)
-    flat_mine = porting._flatten(variables)
+    flat_ported = porting.flatten_tree(ported)
+    flat_mine = porting.flatten_tree(variables)
     return [Divergence(e.torch_key, "/".join(map(str, e.flax_path)),
                        _max_diff(flat_ported[e.flax_path], flat_mine[e.flax_path]),
                        _tolerance(flat_ported[e.flax_path], atol))
@@ -312,7 +312,7 @@ def check_equivalence(
         example = to_flax_input(inputs[0])
         target = porting.target_from_module(flax_module, example, **eval_kwargs)
         variables, _ = porting.torch_to_flax(torch_module.state_dict(), target, rules=rules)
-    variables = porting._plain(variables)
+    variables = porting.plain_tree(variables)
     results = []
     for mode in modes:
         training = mode == "train"

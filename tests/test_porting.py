@@ -200,6 +200,11 @@ def test_dtype_mismatch_is_an_error_unless_cast():
         porting.torch_to_flax(sd, _flax_target(dtype=jnp.float32))
     variables, _ = porting.torch_to_flax(sd, _flax_target(dtype=jnp.float32), cast=True)
     assert variables["params"]["bn"]["weight"].dtype == jnp.float32
+    float64_model = TorchNet().double()
+    with pytest.raises(PortingError, match="dtype mismatch for params/bn/weight.*float32.*float64"):
+        porting.flax_to_torch(variables, float64_model)
+    back, _ = porting.flax_to_torch(variables, float64_model, cast=True, as_torch=True)
+    float64_model.load_state_dict(back, strict=True)
     sd["bn.num_batches_tracked"] = torch.tensor(1.0, dtype=torch.float64)
     with pytest.raises(PortingError, match="bn.num_batches_tracked: copying a param with dtype float64"):
         porting.torch_to_flax(sd, _flax_target())
@@ -282,3 +287,17 @@ def test_without_x64_counters_become_int32_and_float64_is_never_silently_narrowe
             porting.torch_to_flax(sd32, porting.structural_flax_target(sd32))
         with pytest.raises((PortingError, TypeError), match="float64"):
             porting.torch_to_flax(sd64, porting.structural_flax_target(sd64))
+
+
+def test_torch_padding_is_not_flax_same_for_strided_convs():
+    """Why ports use explicit padding: torch pads k//2 on both sides, 'SAME' pads more at the end."""
+    conv = _randomize(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1).double())
+    x = np.random.default_rng(3).normal(size=(1, 2, 8, 8))
+    ref = to_numpy(conv(torch.from_numpy(x)))
+    diffs = {}
+    for padding in ("SAME", ((1, 1), (1, 1))):
+        flax_conv = nn.Conv(3, (3, 3), strides=2, padding=padding, param_dtype=F64)
+        variables, _ = porting.torch_to_flax(conv.state_dict(), porting.target_from_module(flax_conv, jnp.zeros((1, 8, 8, 2), F64)))
+        y = np.moveaxis(np.asarray(flax_conv.apply(variables, np.moveaxis(x, 1, -1))), -1, 1)
+        diffs[str(padding)] = np.abs(y - ref).max()
+    assert diffs["SAME"] > 1e-3 and diffs[str(((1, 1), (1, 1)))] < 1e-12
