@@ -196,6 +196,9 @@ def test_bn_without_running_stats_receiving_them_is_an_error_with_a_hint():
 
 def test_dtype_mismatch_is_an_error_unless_cast():
     sd = _randomize(TorchNet().double()).state_dict()
+    float32_model = TorchNet()
+    float32_model.load_state_dict(sd, strict=True)  # torch: float64 -> float32 silently
+    assert float32_model.bn.weight.dtype == torch.float32
     with pytest.raises(PortingError, match="dtype mismatch for conv.weight.*float64.*float32.*cast=True"):
         porting.torch_to_flax(sd, _flax_target(dtype=jnp.float32))
     variables, _ = porting.torch_to_flax(sd, _flax_target(dtype=jnp.float32), cast=True)
