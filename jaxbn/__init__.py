@@ -10,6 +10,10 @@ The public API:
   modules (submodules, imported on first access).
 * :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
   sharing batch norm's state, params and core.
+* ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),
+  ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack`` reading and
+  writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
+  access.
 """
 
 from .core import (
@@ -38,11 +42,11 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("linen", "nnx")
+_SUBMODULES = ("linen", "nnx", "porting", "checkpoint_io", "testing")
 
 
 def __getattr__(name: str):
-    """Import the Flax adapters lazily: ``jaxbn.linen`` and ``jaxbn.nnx``."""
+    """Import the optional submodules lazily (Flax adapters, porting, checkpoint I/O, testing)."""
     if name in _SUBMODULES:
         import importlib
 

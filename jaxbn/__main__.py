@@ -3,6 +3,9 @@
 With no arguments (or ``table``) it prints torch's BatchNorm behaviour table, observed live by
 running jaxbn on a built-in example, with an "agrees with torch" column when torch is installed;
 the exit code is 1 if any row disagrees with torch.
+
+``convert IN OUT`` ports a checkpoint between torch and Flax (see :mod:`jaxbn.convert_cli` and
+docs/porting.md).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="print the behaviour table (the default)")
     table.add_argument("--no-torch", action="store_true", help="skip the comparison with torch")
     table.set_defaults(func=_table)
+    from . import convert_cli
+
+    convert_cli.add_parser(sub)
     return parser
 
 
