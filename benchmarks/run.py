@@ -22,6 +22,12 @@ What is timed (medians of interleaved rounds, all contenders in one process, sam
 Ratios below 1 mean jaxbn is faster. Targets (issue 6): train <= 0.7x flax, <= 1.0x torch
 channels_last, <= 1.3x floor; eval <= 1.3x the ``x * a + b`` pass.
 
+Allocator: with glibc's default policy a freed 25 MB buffer goes back to the OS, so every step
+page-faults its fresh outputs (about 2-3 ms per 25.7 MB output here, for every contender alike):
+that measures ``malloc``, not the kernels, and makes timings bimodal. Unless ``--default-malloc``
+is given, the script re-executes itself with glibc tunables that keep freed memory for reuse
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the steady state of a training loop.
+
 Also reported: bytes of the residuals the backward pass keeps beyond the inputs themselves
 (leaves of the ``jax.vjp`` closure that are not inputs), and compile time (trace + lower +
 compile) of the jitted train step.
@@ -85,6 +91,10 @@ FULL = [
     Case("BatchNorm3d", (8, 32, 16, 28, 28), 1),
 ]
 QUICK = [FULL[0], FULL[1], FULL[5]]
+
+# glibc: serve allocations up to 32 MiB from the heap and never hand freed memory back, so a
+# step reuses the pages of the last step's outputs instead of faulting in fresh ones.
+MALLOC_TUNABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +482,9 @@ def render(rows: list[dict], compiles: list[tuple[Case, dict]], device: str, rou
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Measured {date} on {machine_description(device)}.",
-        f"float32; median of {rounds} interleaved rounds per contender; times in ms.",
+        f"float32; median of {rounds} interleaved rounds per contender; times in ms; "
+        + ("glibc malloc keeps freed memory (see run.py)." if os.environ.get("JAXBN_BENCH_MALLOC")
+           == "1" else "default glibc malloc."),
         "torch CL = torch channels_last memory format (n/a for BatchNorm1d).",
         "",
         "**Train** (forward + backward w.r.t. x, weight, bias with running-stat update)",
@@ -544,7 +556,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds per contender")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch contenders")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default allocation policy"
+    )
     args = parser.parse_args(argv)
+    if not args.default_malloc and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
+        env = dict(os.environ, JAXBN_BENCH_MALLOC="1", **MALLOC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     device = "cuda" if args.gpu else "cpu"
     if not args.gpu:

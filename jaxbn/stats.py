@@ -1,19 +1,40 @@
 """Per-channel batch statistics: the reductions behind batch normalization.
 
-Statistics are returned as :class:`Moments` ``(count, mean, m2)`` where ``m2`` is the sum of squared
-deviations from the mean. That triple is what torch's kernels compute (``var_sum``), what the
-unbiased running-variance update needs (``m2 / (count - 1)``) and what merges exactly across
-devices (Chan et al.'s parallel formula), so every caller derives what it needs from it.
+Every per-channel sum jaxbn takes -- the forward statistics and the tangent map whose transpose
+is the backward pass -- goes through :meth:`ChannelSums.sum`, the one place where rows excluded
+by a ``mask`` are dropped and sums are merged across devices along ``axis_name``. Statistics are
+:class:`Moments` ``(count, mean, m2)`` where ``m2`` is the sum of squared deviations from the
+mean: what torch's kernels compute (``var_sum``), what the unbiased running-variance update needs
+(``m2 / (count - 1)``).
 
-Accuracy before speed: the mean and the squared deviations are reduced in two passes (mean
-first, then ``sum((x - mean)**2)``), never as ``E[x^2] - E[x]^2``, which loses every digit for
-data whose mean is large relative to its spread. Half-precision inputs are accumulated in
-float32, like torch's ``opmath`` type.
+Accuracy before speed, at two reads of the input:
+
+1. the mean is reduced from ``x - shift``, with a per-channel ``shift`` taken from the data (the
+   first valid element of each channel), so a large common offset (data with mean 1e4 and unit
+   variance, say) never enters the float32 accumulator; the mean is kept as ``mean + mean_lo``
+   (a float32 value and the rounding residual) so normalizing ``(x - mean) - mean_lo`` loses no
+   digits either;
+2. ``m2`` is reduced from the squared deviations from that mean (two-pass), never as
+   ``E[x^2] - E[x]^2``. Half-precision inputs are accumulated in float32 (torch's ``opmath``).
+
+On XLA:CPU the two sums cannot share one read (it fuses no sibling reductions), so one-pass
+shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md.
+
+**Views.** Each reduction site reads the input through its own reshaped *view* (leading unit
+axes, then ``(N, M, C[, P])``: rows, the axes between rows and channels, channels, the axes
+after). XLA:CPU fuses a reduction with the elementwise work feeding it only if every
+intermediate -- including the broadcast of a per-channel vector -- has no user outside that
+reduction; common-subexpression elimination would otherwise merge the broadcasts of ``mean``
+used by a reduction and by the normalize pass, and the reduction would then read a
+materialized full-size broadcast. Distinct view shapes keep the broadcasts distinct. The views
+are free reshapes of a contiguous array (and harmless on GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -28,12 +49,16 @@ class Moments(NamedTuple):
       count: elements per channel that went into the statistics (a Python ``int`` when it is
         known at trace time).
       mean: per-channel mean, shape ``(C,)``, in :func:`stats_dtype` of the input.
-      m2: per-channel sum of squared deviations from ``mean`` (torch's ``var_sum``).
+      m2: per-channel sum of squared deviations from the mean (torch's ``var_sum``).
+      mean_lo: what ``mean`` lost to rounding: the exact mean is ``mean + mean_lo`` (``0.0``
+        when not tracked). Normalizing with ``(x - mean) - mean_lo`` keeps full precision for
+        data whose mean is large relative to its spread.
     """
 
     count: int | jax.Array
     mean: jax.Array
     m2: jax.Array
+    mean_lo: jax.Array | float = 0.0
 
     @property
     def biased_var(self) -> jax.Array:
@@ -52,78 +77,186 @@ def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
-def reduction_axes(ndim: int, feature_axis: int) -> tuple[int, ...]:
-    """Every axis but the (non-negative) feature axis."""
-    return tuple(a for a in range(ndim) if a != feature_axis)
-
-
 def count_per_channel(shape: tuple[int, ...], feature_axis: int) -> int:
     """Elements per channel, ``N * prod(spatial)`` in torch's words (static)."""
     return math.prod(d for a, d in enumerate(shape) if a != feature_axis)
 
 
-def broadcast_channel(v: jax.Array, ndim: int, feature_axis: int) -> jax.Array:
-    """Reshape a ``(C,)`` vector so it broadcasts along ``feature_axis`` of a rank-``ndim`` array."""
-    shape = [1] * ndim
-    shape[feature_axis] = v.shape[0]
-    return v.reshape(shape)
+def psum(value: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
+    """``jax.lax.psum`` over ``axis_name`` (``value`` unchanged when ``axis_name`` is None)."""
+    if axis_name is None:
+        return value
+    return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
 
 
-def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``x`` with the rows where ``mask`` (shape ``(N,)``, axis 0) is False replaced by zeros.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static geometry of a batch-norm input and the devices its batch is spread over.
 
-    ``where`` rather than a multiply, so NaN/inf padding cannot leak into the statistics.
+    Attributes:
+      shape: the (local) input shape.
+      feature_axis: the non-negative channel axis.
+      axis_name: named mapped axis (or tuple of names) to sum across, or None.
+      axis_index_groups: device groups for the sums (as in ``jax.lax.psum``).
     """
-    if mask is None:
-        return x
-    return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+    shape: tuple[int, ...]
+    feature_axis: int
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def num_features(self) -> int:
+        return self.shape[self.feature_axis]
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """``(N, M, C[, P])``: rows, axes between rows and channels, channels, axes after.
+
+        ``P`` is dropped when it is 1: a trailing unit axis after the channels makes XLA:CPU's
+        reduction about 6x slower (measured), leading unit axes cost nothing.
+        """
+        a = self.feature_axis
+        if a == 0:
+            rows, middle = 1, 1
+        else:
+            rows, middle = self.shape[0], math.prod(self.shape[1:a])
+        after = math.prod(self.shape[a + 1 :])
+        return (rows, middle, self.num_features) + ((after,) if after > 1 else ())
+
+    def view_shape(self, site: int) -> tuple[int, ...]:
+        """The shape of reduction site ``site``'s view: ``site`` leading unit axes + blocks."""
+        return (1,) * site + self.blocks
+
+    def view(self, a: jax.Array, site: int) -> jax.Array:
+        """A full-size array (in the input's shape) seen through site ``site``'s view."""
+        return a.reshape(self.view_shape(site))
+
+    def unview(self, a: jax.Array) -> jax.Array:
+        """A full-size array seen through any view, back in the input's shape."""
+        return a.reshape(self.shape)
+
+    def channel_view(self, v: jax.Array, site: int) -> jax.Array:
+        """A ``(C,)`` vector broadcast over site ``site``'s view.
+
+        Broadcast from the ``(C,)`` vector itself (not a reshaped ``(1, .., C, ..)`` one), so that
+        the transpose -- a reduction in the backward pass -- sums straight to ``(C,)``: XLA:CPU
+        reduces about 10x slower into a ``(1, .., C)`` result.
+        """
+        return jax.lax.broadcast_in_dim(v, self.view_shape(site), (site + 2,))
+
+    def row_view_shape(self, site: int) -> tuple[int, ...]:
+        """The shape a ``(N,)`` row mask takes to broadcast over site ``site``'s view."""
+        shape = [1] * len(self.view_shape(site))
+        shape[site] = -1
+        return tuple(shape)
+
+    def channel(self, v: jax.Array) -> jax.Array:
+        """A ``(C,)`` vector broadcast over the input's shape (see :meth:`channel_view`)."""
+        return jax.lax.broadcast_in_dim(v, self.shape, (self.feature_axis,))
 
 
-def local_moments(x: jax.Array, feature_axis: int, mask: jax.Array | None = None) -> Moments:
-    """Two-pass per-channel moments of this device's ``x`` (rows where ``mask`` is False excluded).
+@dataclasses.dataclass(frozen=True)
+class ChannelSums:
+    """Per-channel sums over the (global, unmasked part of the) batch: the one place where
+    masked rows are dropped and sums cross devices.
 
-    Without a mask ``count`` is a static Python int; with one it is a traced scalar in the stats
-    dtype (number of valid rows times the elements per row and channel).
+    Attributes:
+      layout: the input's :class:`Layout`.
+      mask: optional bool ``(N,)`` over axis 0; rows where it is False are left out.
     """
-    axes = reduction_axes(x.ndim, feature_axis)
+
+    layout: Layout
+    mask: jax.Array | None = None
+
+    def sum(
+        self,
+        fn: Callable[..., jax.Array],
+        arrays: tuple[jax.Array, ...],
+        vectors: tuple[jax.Array, ...] = (),
+        site: int | None = None,
+    ) -> jax.Array:
+        """``sum over valid rows and devices of fn(*arrays, *vectors)``, per channel.
+
+        ``fn`` is applied elementwise to the full-size ``arrays`` and per-channel ``vectors``,
+        in the input's own shape or seen through reduction site ``site``'s view (see the module
+        docstring); masked rows are
+        replaced by zeros with ``where`` (so NaN/inf padding cannot leak in) and the result is
+        summed over every axis but the channels, then across ``axis_name``.
+        """
+        lay = self.layout
+        if site is None:
+            values = fn(*arrays, *(lay.channel(v) for v in vectors))
+            rows, channel_axis = (-1,) + (1,) * (len(lay.shape) - 1), lay.feature_axis
+        else:
+            values = fn(*(lay.view(a, site) for a in arrays),
+                        *(lay.channel_view(v, site) for v in vectors))
+            rows, channel_axis = lay.row_view_shape(site), site + 2
+        if self.mask is not None:
+            values = jnp.where(self.mask.reshape(rows), values, jnp.zeros((), values.dtype))
+        axes = tuple(i for i in range(values.ndim) if i != channel_axis)
+        return psum(jnp.sum(values, axis=axes), lay.axis_name, lay.axis_index_groups)
+
+    def count(self, dtype: jnp.dtype) -> int | jax.Array:
+        """Elements per channel in the (global, valid part of the) batch.
+
+        A static Python ``int`` without mask and ``axis_name``; else a traced scalar of ``dtype``.
+        """
+        lay = self.layout
+        count = count_per_channel(lay.shape, lay.feature_axis)
+        if self.mask is None and lay.axis_name is None:
+            return count
+        if self.mask is None:
+            local = jnp.asarray(count, dtype)
+        else:
+            per_row = count // lay.shape[0] if lay.shape[0] else 0
+            local = jnp.sum(self.mask.astype(dtype)) * per_row
+        return psum(local, lay.axis_name, lay.axis_index_groups)
+
+    def shift(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """A per-channel value from the data near its mean, to subtract before summing.
+
+        The first element of each channel in the first valid row (zero if there is none);
+        across devices, the average of the devices' shifts, so every device subtracts the same.
+        Any finite value is correct; one close to the data keeps the sums small.
+        """
+        lay = self.layout
+        first = lay.view(x, 0)
+        if lay.shape[0] == 0:
+            return jnp.zeros((lay.num_features,), dtype)
+        if self.mask is None:
+            row = first[0]
+            valid = jnp.ones((), dtype)
+        else:
+            row = jax.lax.dynamic_index_in_dim(first, jnp.argmax(self.mask), 0, keepdims=False)
+            valid = jnp.any(self.mask).astype(dtype)
+        # First element along every axis but the channels (row is (M, C[, P])).
+        value = row[0] if row.ndim == 2 else row[0, :, 0]
+        value = jnp.where(valid > 0, value.astype(dtype), jnp.zeros((), dtype))
+        if lay.axis_name is None:
+            return value
+        total, devices = psum((value, valid), lay.axis_name, lay.axis_index_groups)
+        return total / jnp.maximum(devices, 1)
+
+
+def moments(x: jax.Array, sums: ChannelSums) -> Moments:
+    """Per-channel moments of the (global, unmasked part of the) batch, two reads of ``x``.
+
+    Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
+    NaN mean; callers must not use it (torch leaves running statistics untouched then).
+    """
     dtype = stats_dtype(x.dtype)
-    xs = x.astype(dtype)
-    count = count_per_channel(x.shape, feature_axis)
-    if mask is not None:
-        per_row = count // x.shape[0] if x.shape[0] else 0
-        count = jnp.sum(mask.astype(dtype)) * per_row
-    mean = jnp.sum(masked(xs, mask), axis=axes) / jnp.asarray(count, dtype)
-    centered = masked(xs - broadcast_channel(mean, x.ndim, feature_axis), mask)
-    m2 = jnp.sum(jnp.square(centered), axis=axes)
-    return Moments(count=count, mean=mean, m2=m2)
-
-
-def all_reduce_moments(
-    moments: Moments, axis_name: Any, axis_index_groups: Any = None
-) -> Moments:
-    """Exact moments of the union of every device's batch along ``axis_name``.
-
-    Chan et al.'s parallel merge of each device's ``(count, mean, m2)``::
-
-        N = sum(n_i);  mean = sum(n_i * mean_i) / N;  m2 = sum(m2_i + n_i * (mean_i - mean)**2)
-
-    as two ``psum``s of per-channel vectors (the second needs the global mean), so uneven (or
-    empty) per-device batches are weighted by their counts, as torch's SyncBatchNorm does, and
-    the result is replicated. It equals single-device moments of the concatenated batch.
-    """
-    dtype = moments.mean.dtype
-    count = jnp.asarray(moments.count, dtype)
-    present = count > 0
-    zero = jnp.zeros((), dtype)
-    # A device with an empty batch has a NaN mean: give it exactly zero weight.
-    local_mean = jnp.where(present, moments.mean, zero)
-    total, weighted_sum = jax.lax.psum(
-        (count, count * local_mean), axis_name, axis_index_groups=axis_index_groups
-    )
-    mean = weighted_sum / total
-    spread = jnp.where(present, moments.m2 + count * jnp.square(local_mean - mean), zero)
-    m2 = jax.lax.psum(spread, axis_name, axis_index_groups=axis_index_groups)
-    return Moments(count=total, mean=mean, m2=m2)
+    count = sums.count(dtype)
+    shift = sums.shift(x, dtype)
+    inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
+    # Site 0: sum of x - shift (small numbers whatever the offset of the data).
+    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=0) * inv_count
+    mean = shift + offset
+    mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
+    # Site 1: squared deviations from the rounded mean; the exact-mean correction is second order.
+    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=1)
+    m2 = m2 - count * jnp.square(mean_lo)
+    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 
 
 def batch_moments(
@@ -139,15 +272,13 @@ def batch_moments(
       x: floating input of any rank >= 2.
       feature_axis: the non-negative channel axis; every other axis is reduced.
       mask: optional bool ``(N,)`` over axis 0; False rows are excluded.
-      axis_name: optional named axis (or tuple of names) to merge statistics across devices.
+      axis_name: optional named axis (or tuple of names) to merge statistics across devices:
+        the result equals the moments of the concatenated batch of every device.
       axis_index_groups: optional device groups for the merge (as in ``jax.lax.psum``).
 
     Returns:
       ``Moments`` in ``stats_dtype(x.dtype)``; ``count`` is a Python int when neither a mask nor
-      an axis name makes it data-dependent. An empty batch gives a NaN mean; callers must not use
-      it (torch leaves running statistics untouched then).
+      an axis name makes it data-dependent. An empty batch gives a NaN mean.
     """
-    moments = local_moments(x, feature_axis, mask)
-    if axis_name is not None:
-        moments = all_reduce_moments(moments, axis_name, axis_index_groups)
-    return moments
+    layout = Layout(tuple(x.shape), feature_axis, axis_name, axis_index_groups)
+    return moments(x, ChannelSums(layout, mask))
