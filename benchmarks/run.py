@@ -6,7 +6,9 @@ Run from the repository root::
     python benchmarks/run.py --quick    # three shapes, fewer rounds (about a minute)
     python benchmarks/run.py --gpu      # on a CUDA machine: writes benchmarks/results_gpu.md
 
-What is timed (medians of interleaved rounds, all contenders in one process, same arrays):
+What is timed (medians of rounds in which all contenders run interleaved in random order, in one
+process, on the same arrays; the rounds come in blocks that sweep over all shapes, so transient
+load on a shared machine does not skew one shape):
 
 * **train**: one jitted forward + backward in training mode -- ``jax.vjp`` of the layer w.r.t.
   ``(x, weight, bias)`` applied to a fixed upstream gradient ``dy`` (what ``value_and_grad``
@@ -26,7 +28,9 @@ Allocator: with glibc's default policy a freed 25 MB buffer goes back to the OS,
 page-faults its fresh outputs (about 2-3 ms per 25.7 MB output here, for every contender alike):
 that measures ``malloc``, not the kernels, and makes timings bimodal. Unless ``--default-malloc``
 is given, the script re-executes itself with glibc tunables that keep freed memory for reuse
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the steady state of a training loop.
+(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the steady
+state of a training loop. torch's OpenMP threads are set to wait passively
+(``OMP_WAIT_POLICY=PASSIVE``) so their busy-waiting does not slow whichever contender runs next.
 
 Also reported: bytes of the residuals the backward pass keeps beyond the inputs themselves
 (leaves of the ``jax.vjp`` closure that are not inputs), and compile time (trace + lower +
@@ -91,10 +95,23 @@ FULL = [
     Case("BatchNorm3d", (8, 32, 16, 28, 28), 1),
 ]
 QUICK = [FULL[0], FULL[1], FULL[5]]
+GPU_EXTRA = [  # a GPU finishes the shapes above in microseconds: add ImageNet-size batches
+    Case("BatchNorm2d ResNet stage 1, batch 256", (256, 56, 56, 64), -1),
+    Case("BatchNorm2d ResNet stage 1, batch 256", (256, 64, 56, 56), 1),
+]
 
-# glibc: serve allocations up to 32 MiB from the heap and never hand freed memory back, so a
-# step reuses the pages of the last step's outputs instead of faulting in fresh ones.
-MALLOC_TUNABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+# glibc: one arena (XLA's worker threads otherwise get per-thread arenas whose heaps are unmapped
+# when emptied), allocations up to 32 MiB from the heap, freed memory never handed back -- so a
+# step reuses the pages of the last step's outputs instead of faulting in fresh ones (measured:
+# 14,000 -> 800 minor page faults per train step at 25.7 MB).
+MALLOC_TUNABLES = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+}
+# torch's OpenMP threads otherwise busy-wait after each op and steal the two cores from whatever
+# runs next (XLA's threads): passive waiting keeps the interleaved contenders independent.
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,36 +119,59 @@ MALLOC_TUNABLES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHO
 # --------------------------------------------------------------------------------------------
 
 
+class Timer:
+    """Interleaved timing of zero-argument functions; samples accumulate over calls to
+    :meth:`sample`, so blocks of rounds can be spread over the whole run.
+
+    ``syncs[name](out)`` waits for ``fns[name]``'s result. Each function is warmed up, then
+    called ``inner`` times per sample (enough to make a sample last about 2 ms, so timer
+    resolution and Python overhead stay small).
+    """
+
+    def __init__(
+        self,
+        fns: dict[str, Callable[[], object]],
+        syncs: dict[str, Callable[[object], None]],
+    ):
+        self.fns, self.syncs = fns, syncs
+        self.inner: dict[str, int] = {}
+        for name, fn in fns.items():
+            for _ in range(3):
+                syncs[name](fn())
+            t0 = time.perf_counter()
+            syncs[name](fn())
+            elapsed = time.perf_counter() - t0
+            self.inner[name] = max(1, min(50, int(2e-3 / max(elapsed, 1e-7))))
+        self.samples: dict[str, list[float]] = {name: [] for name in fns}
+        self.shuffle = np.random.default_rng(0).shuffle
+
+    def sample(self, rounds: int) -> None:
+        order = list(self.fns)
+        for _ in range(rounds):
+            self.shuffle(order)  # no contender always runs right after the same other one
+            for name in order:
+                fn, n = self.fns[name], self.inner[name]
+                t0 = time.perf_counter()
+                out = None
+                for _ in range(n):
+                    out = fn()
+                self.syncs[name](out)
+                self.samples[name].append((time.perf_counter() - t0) / n * 1e3)
+
+    def medians(self) -> dict[str, float]:
+        """Median milliseconds per call of each function."""
+        return {name: statistics.median(v) for name, v in self.samples.items()}
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     syncs: dict[str, Callable[[object], None]],
     rounds: int,
 ) -> dict[str, float]:
-    """Median milliseconds per call of each zero-argument function, contenders interleaved.
-
-    ``syncs[name](out)`` waits for ``fns[name]``'s result. Each function is warmed up, then
-    called ``inner`` times per sample (enough to make a sample last about 2 ms, so timer
-    resolution and Python overhead stay small), ``rounds`` samples.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        sync = syncs[name]
-        for _ in range(3):
-            sync(fn())
-        t0 = time.perf_counter()
-        sync(fn())
-        elapsed = time.perf_counter() - t0
-        inner[name] = max(1, min(50, int(2e-3 / max(elapsed, 1e-7))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            out = None
-            for _ in range(inner[name]):
-                out = fn()
-            syncs[name](out)
-            samples[name].append((time.perf_counter() - t0) / inner[name] * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    """Median milliseconds per call of each function, ``rounds`` interleaved rounds."""
+    timer = Timer(fns, syncs)
+    timer.sample(rounds)
+    return timer.medians()
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +430,11 @@ def compile_seconds(make: Callable[[], tuple[Callable, tuple]], repeats: int = 3
 # --------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, rounds: int, device: str, torch_ok: bool) -> dict:
+def case_timers(case: Case, device: str, torch_ok: bool) -> tuple[Timer, Timer, dict]:
+    """Train and eval :class:`Timer` of every contender for ``case``, and its residual bytes."""
     import jax
 
     cont = Contenders(case, device)
-    row: dict = {"case": case}
 
     def jitted(make):
         fn, args = make()
@@ -421,13 +461,12 @@ def run_case(case: Case, rounds: int, device: str, torch_ok: bool) -> dict:
             tr, ev = cont.torch_fns(channels_last=True)
             train["torch_cl"], evals["torch_cl"] = tr, ev
             syncs["torch_cl"] = t_sync
-
-    row["train"] = time_interleaved(train, syncs, rounds)
-    row["eval"] = time_interleaved(evals, syncs, rounds)
     w, b = cont.w, cont.b
-    row["res_jaxbn"] = residual_bytes(cont.jaxbn_layer(), (cont.x, w, b))
-    row["res_flax"] = residual_bytes(cont.flax_layer(), (cont.x, w, b))
-    return row
+    residuals = {
+        "res_jaxbn": residual_bytes(cont.jaxbn_layer(), (cont.x, w, b)),
+        "res_flax": residual_bytes(cont.flax_layer(), (cont.x, w, b)),
+    }
+    return Timer(train, syncs), Timer(evals, syncs), residuals
 
 
 def compile_row(case: Case, device: str) -> dict:
@@ -482,7 +521,8 @@ def render(rows: list[dict], compiles: list[tuple[Case, dict]], device: str, rou
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Measured {date} on {machine_description(device)}.",
-        f"float32; median of {rounds} interleaved rounds per contender; times in ms; "
+        f"float32; median of {rounds} rounds per contender (contenders interleaved in random order, "
+        f"rounds in blocks spread over the whole run); times in ms; "
         + ("glibc malloc keeps freed memory (see run.py)." if os.environ.get("JAXBN_BENCH_MALLOC")
            == "1" else "default glibc malloc."),
         "torch CL = torch channels_last memory format (n/a for BatchNorm1d).",
@@ -560,16 +600,21 @@ def main(argv: list[str] | None = None) -> None:
         "--default-malloc", action="store_true", help="keep glibc's default allocation policy"
     )
     args = parser.parse_args(argv)
-    if not args.default_malloc and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
-        env = dict(os.environ, JAXBN_BENCH_MALLOC="1", **MALLOC_TUNABLES)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.gpu:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave room for torch
+    else:
+        for key, value in OMP_ENV.items():
+            os.environ.setdefault(key, value)
+        if not args.default_malloc and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
+            env = dict(os.environ, JAXBN_BENCH_MALLOC="1", **MALLOC_TUNABLES)
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     device = "cuda" if args.gpu else "cpu"
     if not args.gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    cases = QUICK if args.quick else FULL
+    cases = QUICK if args.quick else FULL + (GPU_EXTRA if args.gpu else [])
     rounds = args.rounds or (15 if args.quick else 40)
     torch_ok = not args.no_torch
     if torch_ok:
@@ -584,18 +629,28 @@ def main(argv: list[str] | None = None) -> None:
             torch_ok = False
     print(f"devices: {jax.devices()}", flush=True)
 
-    rows = []
+    # Every case's contenders are built first; then blocks of rounds sweep over all cases, so
+    # a transient load on this shared machine spreads over every case instead of skewing one.
+    timers = []
     for case in cases:
+        timers.append((case, *case_timers(case, device, torch_ok)))
+    blocks = 1 if args.quick else 4
+    for block in range(blocks):
         t0 = time.perf_counter()
-        row = run_case(case, rounds, device, torch_ok)
-        rows.append(row)
-        t, e = row["train"], row["eval"]
+        for case, train, evals, _ in timers:
+            train.sample(max(1, rounds // blocks))
+            evals.sample(max(1, rounds // blocks))
+        print(f"block {block + 1}/{blocks}: {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for case, train, evals, residuals in timers:
+        rows.append({"case": case, "train": train.medians(), "eval": evals.medians(), **residuals})
+        t, e = rows[-1]["train"], rows[-1]["eval"]
         print(
             f"{case.name} {case.shape} {case.layout}: train "
             + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
             + " | eval "
             + ", ".join(f"{k} {v:.3f}" for k, v in e.items())
-            + f" ms  ({time.perf_counter() - t0:.0f} s)",
+            + " ms",
             flush=True,
         )
     compiles = [(c, compile_row(c, device)) for c in (cases[:2] if args.quick else [FULL[0], FULL[1], FULL[5]])]

@@ -255,7 +255,7 @@ def moments(x: jax.Array, sums: ChannelSums) -> Moments:
     mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
     # Site 1: squared deviations from the rounded mean; the exact-mean correction is second order.
     m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=1)
-    m2 = m2 - count * jnp.square(mean_lo)
+    m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
     return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 
 
