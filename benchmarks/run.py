@@ -599,6 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default allocation policy"
     )
+    parser.add_argument(
+        "--readme", action="store_true", help="also replace the table embedded in README.md"
+    )
     args = parser.parse_args(argv)
     if args.gpu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave room for torch
@@ -659,6 +662,21 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (ROOT / "benchmarks" / f"results_{'gpu' if args.gpu else 'cpu'}.md")
     out.write_text(table)
     print(f"wrote {out}")
+    if args.readme:
+        embed_in_readme(table, "gpu" if args.gpu else "cpu")
+
+
+def embed_in_readme(table: str, kind: str) -> None:
+    """Replace the text between ``<!-- benchmark-{kind}:start -->`` and ``...:end -->``."""
+    readme = ROOT / "README.md"
+    start, end = f"<!-- benchmark-{kind}:start -->", f"<!-- benchmark-{kind}:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+    print(f"updated {readme}")
 
 
 if __name__ == "__main__":

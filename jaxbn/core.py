@@ -389,7 +389,7 @@ def batch_norm(
     if batch_stats and mask is None and flags.axis_name is None:
         validation.check_batch_size(tuple(x.shape), feature_axis)
 
-    layout = Layout(tuple(x.shape), feature_axis, flags.axis_name, flags.axis_index_groups)
+    layout = Layout.of(x, feature_axis, flags.axis_name, flags.axis_index_groups)
     dtype = stats_dtype(x.dtype)
     if params is None:
         weight = jnp.ones((layout.num_features,), dtype)

@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class Moments(NamedTuple):
@@ -89,6 +88,16 @@ def psum(value: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
     return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
 
 
+def explicit_spec(a: jax.Array) -> tuple[Any, ...] | None:
+    """The per-axis sharding of ``a`` when it is explicitly sharded ("sharding in types", e.g.
+    placed with ``NamedSharding`` on a ``jax.make_mesh`` mesh), else None."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    if sharding is None or getattr(sharding.mesh, "empty", True):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+    return spec if any(s is not None for s in spec) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Static geometry of a batch-norm input and the devices its batch is spread over.
@@ -98,16 +107,32 @@ class Layout:
       feature_axis: the non-negative channel axis.
       axis_name: named mapped axis (or tuple of names) to sum across, or None.
       axis_index_groups: device groups for the sums (as in ``jax.lax.psum``).
+      spec: the input's explicit per-axis sharding (see :func:`explicit_spec`), or None.
     """
 
     shape: tuple[int, ...]
     feature_axis: int
     axis_name: Hashable | tuple[Hashable, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    spec: tuple[Any, ...] | None = None
+
+    @classmethod
+    def of(
+        cls, x: jax.Array, feature_axis: int, axis_name: Any = None, axis_index_groups: Any = None
+    ) -> "Layout":
+        """The layout of input ``x``."""
+        return cls(tuple(x.shape), feature_axis, axis_name, axis_index_groups, explicit_spec(x))
 
     @property
     def num_features(self) -> int:
         return self.shape[self.feature_axis]
+
+    @property
+    def views(self) -> bool:
+        """Whether reduction sites read through views: not for explicitly sharded inputs, whose
+        reshapes JAX's sharding rules and XLA's partitioner do not see through (it gathered the
+        batch in the backward pass)."""
+        return self.spec is None
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -124,36 +149,53 @@ class Layout:
         after = math.prod(self.shape[a + 1 :])
         return (rows, middle, self.num_features) + ((after,) if after > 1 else ())
 
-    def view_shape(self, site: int) -> tuple[int, ...]:
-        """The shape of reduction site ``site``'s view: ``site`` leading unit axes + blocks."""
+    def site_shape(self, site: int | None) -> tuple[int, ...]:
+        """The shape reduction site ``site`` computes in: ``site`` leading unit axes + blocks,
+        or the input's own shape (``site`` None, or views impossible)."""
+        if site is None or not self.views:
+            return self.shape
         return (1,) * site + self.blocks
 
-    def view(self, a: jax.Array, site: int) -> jax.Array:
+    def channel_axis(self, site: int | None) -> int:
+        """Where the channels are in :meth:`site_shape`."""
+        return self.feature_axis if site is None or not self.views else site + 2
+
+    def row_axis(self, site: int | None) -> int:
+        """Where the rows (axis 0 of the input) are in :meth:`site_shape`."""
+        return 0 if site is None or not self.views else site
+
+    def view(self, a: jax.Array, site: int | None) -> jax.Array:
         """A full-size array (in the input's shape) seen through site ``site``'s view."""
-        return a.reshape(self.view_shape(site))
+        return a.reshape(self.site_shape(site))
 
     def unview(self, a: jax.Array) -> jax.Array:
         """A full-size array seen through any view, back in the input's shape."""
         return a.reshape(self.shape)
 
-    def channel_view(self, v: jax.Array, site: int) -> jax.Array:
-        """A ``(C,)`` vector broadcast over site ``site``'s view.
+    def channel_view(self, v: jax.Array, site: int | None) -> jax.Array:
+        """A ``(C,)`` vector broadcast over site ``site``'s shape.
 
         Broadcast from the ``(C,)`` vector itself (not a reshaped ``(1, .., C, ..)`` one), so that
         the transpose -- a reduction in the backward pass -- sums straight to ``(C,)``: XLA:CPU
-        reduces about 10x slower into a ``(1, .., C)`` result.
+        reduces about 10x slower into a ``(1, .., C)`` result. Explicitly sharded inputs get the
+        reshaped vector instead, broadcast implicitly by the arithmetic it enters, which keeps
+        the input's sharding (a full-size replicated broadcast would make the transpose gather
+        the batch).
         """
-        return jax.lax.broadcast_in_dim(v, self.view_shape(site), (site + 2,))
+        shape = self.site_shape(site)
+        if self.spec is not None:
+            return v.reshape(tuple(d if i == self.channel_axis(site) else 1 for i, d in enumerate(shape)))
+        return jax.lax.broadcast_in_dim(v, shape, (self.channel_axis(site),))
 
-    def row_view_shape(self, site: int) -> tuple[int, ...]:
-        """The shape a ``(N,)`` row mask takes to broadcast over site ``site``'s view."""
-        shape = [1] * len(self.view_shape(site))
-        shape[site] = -1
-        return tuple(shape)
+    def row_view(self, mask: jax.Array, site: int | None) -> jax.Array:
+        """A ``(N,)`` row mask shaped to broadcast over site ``site``'s shape."""
+        shape = [1] * len(self.site_shape(site))
+        shape[self.row_axis(site)] = mask.shape[0]
+        return mask.reshape(shape)
 
     def channel(self, v: jax.Array) -> jax.Array:
         """A ``(C,)`` vector broadcast over the input's shape (see :meth:`channel_view`)."""
-        return jax.lax.broadcast_in_dim(v, self.shape, (self.feature_axis,))
+        return self.channel_view(v, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,21 +222,17 @@ class ChannelSums:
 
         ``fn`` is applied elementwise to the full-size ``arrays`` and per-channel ``vectors``,
         in the input's own shape or seen through reduction site ``site``'s view (see the module
-        docstring); masked rows are
-        replaced by zeros with ``where`` (so NaN/inf padding cannot leak in) and the result is
-        summed over every axis but the channels, then across ``axis_name``.
+        docstring); masked rows are replaced by zeros with ``where`` (so NaN/inf padding cannot
+        leak in) and the result is summed over every axis but the channels, then across
+        ``axis_name``.
         """
         lay = self.layout
-        if site is None:
-            values = fn(*arrays, *(lay.channel(v) for v in vectors))
-            rows, channel_axis = (-1,) + (1,) * (len(lay.shape) - 1), lay.feature_axis
-        else:
-            values = fn(*(lay.view(a, site) for a in arrays),
-                        *(lay.channel_view(v, site) for v in vectors))
-            rows, channel_axis = lay.row_view_shape(site), site + 2
+        values = fn(*(lay.view(a, site) for a in arrays),
+                    *(lay.channel_view(v, site) for v in vectors))
         if self.mask is not None:
-            values = jnp.where(self.mask.reshape(rows), values, jnp.zeros((), values.dtype))
-        axes = tuple(i for i in range(values.ndim) if i != channel_axis)
+            keep = lay.row_view(self.mask, site)
+            values = jnp.where(keep, values, jnp.zeros((), values.dtype))
+        axes = tuple(i for i in range(values.ndim) if i != lay.channel_axis(site))
         return psum(jnp.sum(values, axis=axes), lay.axis_name, lay.axis_index_groups)
 
     def count(self, dtype: jnp.dtype) -> int | jax.Array:
@@ -216,27 +254,33 @@ class ChannelSums:
     def shift(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
         """A per-channel value from the data near its mean, to subtract before summing.
 
-        The first element of each channel in the first valid row (zero if there is none);
-        across devices, the average of the devices' shifts, so every device subtracts the same.
-        Any finite value is correct; one close to the data keeps the sums small.
+        The first element of each channel in the first valid row (zero if there is none). Rows
+        spread over devices contribute their average instead: across ``axis_name`` each device's
+        first valid row, and when the rows are explicitly sharded, every valid row (a slice of
+        ``N x C`` elements, no device needs another's row). Any finite value is correct; one
+        close to the data keeps the sums small.
         """
         lay = self.layout
-        first = lay.view(x, 0)
+        sharded = lay.spec or (None,) * len(lay.shape)
         if lay.shape[0] == 0:
             return jnp.zeros((lay.num_features,), dtype)
-        if self.mask is None:
-            row = first[0]
-            valid = jnp.ones((), dtype)
-        else:
-            row = jax.lax.dynamic_index_in_dim(first, jnp.argmax(self.mask), 0, keepdims=False)
-            valid = jnp.any(self.mask).astype(dtype)
-        # First element along every axis but the channels (row is (M, C[, P])).
-        value = row[0] if row.ndim == 2 else row[0, :, 0]
-        value = jnp.where(valid > 0, value.astype(dtype), jnp.zeros((), dtype))
-        if lay.axis_name is None:
-            return value
-        total, devices = psum((value, valid), lay.axis_name, lay.axis_index_groups)
-        return total / jnp.maximum(devices, 1)
+        mask = self.mask
+        if lay.feature_axis != 0 and sharded[0] is None:  # one row: the first valid one
+            first = 0 if mask is None else jnp.argmax(mask)
+            x = jax.lax.dynamic_slice_in_dim(x, first, 1, axis=0)
+            mask = None if mask is None else jnp.any(mask)[None]
+        # The first element along every other axis that is not the channels or sharded.
+        index = tuple(
+            slice(None) if i in (0, lay.feature_axis) or sharded[i] is not None else slice(0, 1)
+            for i in range(len(lay.shape))
+        )
+        corner = x[index]
+        sums = ChannelSums(Layout.of(corner, lay.feature_axis, lay.axis_name, lay.axis_index_groups), mask)
+        count = sums.count(dtype)
+        total = sums.sum(lambda t: t.astype(dtype), (corner,))
+        if isinstance(count, int):
+            return total / count
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.zeros((), dtype))
 
 
 def moments(x: jax.Array, sums: ChannelSums) -> Moments:
@@ -280,5 +324,5 @@ def batch_moments(
       ``Moments`` in ``stats_dtype(x.dtype)``; ``count`` is a Python int when neither a mask nor
       an axis name makes it data-dependent. An empty batch gives a NaN mean.
     """
-    layout = Layout(tuple(x.shape), feature_axis, axis_name, axis_index_groups)
+    layout = Layout.of(x, feature_axis, axis_name, axis_index_groups)
     return moments(x, ChannelSums(layout, mask))
