@@ -27,7 +27,9 @@ intermediate -- including the broadcast of a per-channel vector -- has no user o
 reduction; common-subexpression elimination would otherwise merge the broadcasts of ``mean``
 used by a reduction and by the normalize pass, and the reduction would then read a
 materialized full-size broadcast. Distinct view shapes keep the broadcasts distinct. The views
-are free reshapes of a contiguous array (and harmless on GPU).
+are free reshapes of a contiguous array (and harmless on GPU). Explicitly sharded inputs
+(``jax.make_mesh`` + ``NamedSharding``) skip them and keep the input's shape, so XLA's
+partitioner only ever all-reduces per-channel vectors.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ class Layout:
         """
         shape = self.site_shape(site)
         if self.spec is not None:
-            return v.reshape(tuple(d if i == self.channel_axis(site) else 1 for i, d in enumerate(shape)))
+            axis = self.channel_axis(site)
+            return v.reshape(tuple(d if i == axis else 1 for i, d in enumerate(shape)))
         return jax.lax.broadcast_in_dim(v, shape, (self.channel_axis(site),))
 
     def row_view(self, mask: jax.Array, site: int | None) -> jax.Array:
@@ -275,7 +278,8 @@ class ChannelSums:
             for i in range(len(lay.shape))
         )
         corner = x[index]
-        sums = ChannelSums(Layout.of(corner, lay.feature_axis, lay.axis_name, lay.axis_index_groups), mask)
+        corner_layout = Layout.of(corner, lay.feature_axis, lay.axis_name, lay.axis_index_groups)
+        sums = ChannelSums(corner_layout, mask)
         count = sums.count(dtype)
         total = sums.sum(lambda t: t.astype(dtype), (corner,))
         if isinstance(count, int):
