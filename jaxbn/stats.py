@@ -1,24 +1,46 @@
 """Per-channel batch statistics: the reductions behind batch normalization.
 
-Statistics are returned as :class:`Moments` ``(count, mean, m2)`` where ``m2`` is the sum of squared
-deviations from the mean. That triple is what torch's kernels compute (``var_sum``), what the
-unbiased running-variance update needs (``m2 / (count - 1)``) and what merges exactly across
-devices (Chan et al.'s parallel formula), so every caller derives what it needs from it.
+Every per-channel sum jaxbn takes -- the forward statistics and the tangent map whose transpose
+is the backward pass -- goes through :meth:`ChannelSums.sum`, the one place where rows excluded
+by a ``mask`` are dropped and sums are merged across devices along ``axis_name``. Statistics are
+:class:`Moments` ``(count, mean, m2)`` where ``m2`` is the sum of squared deviations from the
+mean: what torch's kernels compute (``var_sum``), what the unbiased running-variance update needs
+(``m2 / (count - 1)``).
 
-Accuracy before speed: the mean and the squared deviations are reduced in two passes (mean
-first, then ``sum((x - mean)**2)``), never as ``E[x^2] - E[x]^2``, which loses every digit for
-data whose mean is large relative to its spread. Half-precision inputs are accumulated in
-float32, like torch's ``opmath`` type.
+Accuracy before speed, at two reads of the input:
+
+1. the mean is reduced from ``x - shift``, with a per-channel ``shift`` taken from the data (the
+   first valid element of each channel), so a large common offset (data with mean 1e4 and unit
+   variance, say) never enters the float32 accumulator; the mean is kept as ``mean + mean_lo``
+   (a float32 value and the rounding residual) so normalizing ``(x - mean) - mean_lo`` loses no
+   digits either;
+2. ``m2`` is reduced from the squared deviations from that mean (two-pass), never as
+   ``E[x^2] - E[x]^2``. Half-precision inputs are accumulated in float32 (torch's ``opmath``).
+
+On XLA:CPU the two sums cannot share one read (it fuses no sibling reductions), so one-pass
+shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md.
+
+**Views.** Each reduction site reads the input through its own reshaped *view* (leading unit
+axes, then ``(N, M, C[, P])``: rows, the axes between rows and channels, channels, the axes
+after). XLA:CPU fuses a reduction with the elementwise work feeding it only if every
+intermediate -- including the broadcast of a per-channel vector -- has no user outside that
+reduction; common-subexpression elimination would otherwise merge the broadcasts of ``mean``
+used by a reduction and by the normalize pass, and the reduction would then read a
+materialized full-size broadcast. Distinct view shapes keep the broadcasts distinct. The views
+are free reshapes of a contiguous array (and harmless on GPU). Explicitly sharded inputs
+(``jax.make_mesh`` + ``NamedSharding``) skip them and keep the input's shape, so XLA's
+partitioner only ever all-reduces per-channel vectors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class Moments(NamedTuple):
@@ -28,12 +50,16 @@ class Moments(NamedTuple):
       count: elements per channel that went into the statistics (a Python ``int`` when it is
         known at trace time).
       mean: per-channel mean, shape ``(C,)``, in :func:`stats_dtype` of the input.
-      m2: per-channel sum of squared deviations from ``mean`` (torch's ``var_sum``).
+      m2: per-channel sum of squared deviations from the mean (torch's ``var_sum``).
+      mean_lo: what ``mean`` lost to rounding: the exact mean is ``mean + mean_lo`` (``0.0``
+        when not tracked). Normalizing with ``(x - mean) - mean_lo`` keeps full precision for
+        data whose mean is large relative to its spread.
     """
 
     count: int | jax.Array
     mean: jax.Array
     m2: jax.Array
+    mean_lo: jax.Array | float = 0.0
 
     @property
     def biased_var(self) -> jax.Array:
@@ -52,95 +78,236 @@ def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
-def reduction_axes(ndim: int, feature_axis: int) -> tuple[int, ...]:
-    """Every axis but the (non-negative) feature axis."""
-    return tuple(a for a in range(ndim) if a != feature_axis)
-
-
 def count_per_channel(shape: tuple[int, ...], feature_axis: int) -> int:
     """Elements per channel, ``N * prod(spatial)`` in torch's words (static)."""
     return math.prod(d for a, d in enumerate(shape) if a != feature_axis)
 
 
-def broadcast_channel(v: jax.Array, ndim: int, feature_axis: int) -> jax.Array:
-    """Reshape a ``(C,)`` vector so it broadcasts along ``feature_axis`` of a rank-``ndim`` array."""
-    shape = [1] * ndim
-    shape[feature_axis] = v.shape[0]
-    return v.reshape(shape)
+def explicit_spec(a: jax.Array) -> tuple[Any, ...] | None:
+    """The per-axis sharding of ``a`` when it is explicitly sharded ("sharding in types", e.g.
+    placed with ``NamedSharding`` on a ``jax.make_mesh`` mesh), else None."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    if sharding is None or getattr(sharding.mesh, "empty", True):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+    return spec if any(s is not None for s in spec) else None
 
 
-def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """``x`` with the rows where ``mask`` (shape ``(N,)``, axis 0) is False replaced by zeros.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static geometry of a batch-norm input and the devices its batch is spread over.
 
-    ``where`` rather than a multiply, so NaN/inf padding cannot leak into the statistics.
+    Attributes:
+      shape: the (local) input shape.
+      feature_axis: the non-negative channel axis.
+      axis_name: named mapped axis (or tuple of names) to sum across, or None.
+      axis_index_groups: device groups for the sums (as in ``jax.lax.psum``).
+      spec: the input's explicit per-axis sharding (see :func:`explicit_spec`), or None.
     """
-    if mask is None:
-        return x
-    return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+    shape: tuple[int, ...]
+    feature_axis: int
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    spec: tuple[Any, ...] | None = None
+
+    @classmethod
+    def of(
+        cls, x: jax.Array, feature_axis: int, axis_name: Any = None, axis_index_groups: Any = None
+    ) -> "Layout":
+        """The layout of input ``x``."""
+        return cls(tuple(x.shape), feature_axis, axis_name, axis_index_groups, explicit_spec(x))
+
+    @property
+    def num_features(self) -> int:
+        return self.shape[self.feature_axis]
+
+    @property
+    def views(self) -> bool:
+        """Whether reduction sites read through views: not for explicitly sharded inputs, whose
+        reshapes JAX's sharding rules and XLA's partitioner do not see through (it gathered the
+        batch in the backward pass)."""
+        return self.spec is None
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """``(N, M, C[, P])``: rows, axes between rows and channels, channels, axes after.
+
+        ``P`` is dropped when it is 1: a trailing unit axis after the channels makes XLA:CPU's
+        reduction about 6x slower (measured), leading unit axes cost nothing.
+        """
+        a = self.feature_axis
+        if a == 0:
+            rows, middle = 1, 1
+        else:
+            rows, middle = self.shape[0], math.prod(self.shape[1:a])
+        after = math.prod(self.shape[a + 1 :])
+        return (rows, middle, self.num_features) + ((after,) if after != 1 else ())  # keep 0
+
+    def site_shape(self, site: int | None) -> tuple[int, ...]:
+        """The shape reduction site ``site`` computes in: ``site`` leading unit axes + blocks,
+        or the input's own shape (``site`` None, or views impossible)."""
+        if site is None or not self.views:
+            return self.shape
+        return (1,) * site + self.blocks
+
+    def channel_axis(self, site: int | None) -> int:
+        """Where the channels are in :meth:`site_shape`."""
+        return self.feature_axis if site is None or not self.views else site + 2
+
+    def row_axis(self, site: int | None) -> int:
+        """Where the rows (axis 0 of the input) are in :meth:`site_shape`."""
+        return 0 if site is None or not self.views else site
+
+    def view(self, a: jax.Array, site: int | None) -> jax.Array:
+        """A full-size array (in the input's shape) seen through site ``site``'s view."""
+        return a.reshape(self.site_shape(site))
+
+    def unview(self, a: jax.Array) -> jax.Array:
+        """A full-size array seen through any view, back in the input's shape."""
+        return a.reshape(self.shape)
+
+    def channel_view(self, v: jax.Array, site: int | None) -> jax.Array:
+        """A ``(C,)`` vector broadcast over site ``site``'s shape.
+
+        Broadcast from the ``(C,)`` vector itself (not a reshaped ``(1, .., C, ..)`` one), so that
+        the transpose -- a reduction in the backward pass -- sums straight to ``(C,)``: XLA:CPU
+        reduces about 10x slower into a ``(1, .., C)`` result. Explicitly sharded inputs get the
+        reshaped vector instead, broadcast implicitly by the arithmetic it enters, which keeps
+        the input's sharding (a full-size replicated broadcast would make the transpose gather
+        the batch).
+        """
+        shape = self.site_shape(site)
+        if self.spec is not None:
+            axis = self.channel_axis(site)
+            return v.reshape(tuple(d if i == axis else 1 for i, d in enumerate(shape)))
+        return jax.lax.broadcast_in_dim(v, shape, (self.channel_axis(site),))
+
+    def row_view(self, mask: jax.Array, site: int | None) -> jax.Array:
+        """A ``(N,)`` row mask shaped to broadcast over site ``site``'s shape."""
+        shape = [1] * len(self.site_shape(site))
+        shape[self.row_axis(site)] = mask.shape[0]
+        return mask.reshape(shape)
+
+    def channel(self, v: jax.Array) -> jax.Array:
+        """A ``(C,)`` vector broadcast over the input's shape (see :meth:`channel_view`)."""
+        return self.channel_view(v, None)
 
 
-def local_moments(x: jax.Array, feature_axis: int, mask: jax.Array | None = None) -> Moments:
-    """Two-pass per-channel moments of this device's ``x`` (rows where ``mask`` is False excluded).
+@dataclasses.dataclass(frozen=True)
+class ChannelSums:
+    """Per-channel sums over the (global, unmasked part of the) batch: the one place where
+    masked rows are dropped and sums cross devices.
 
-    Without a mask ``count`` is a static Python int; with one it is a traced scalar in the stats
-    dtype (number of valid rows times the elements per row and channel).
+    Attributes:
+      layout: the input's :class:`Layout`.
+      mask: optional bool ``(N,)`` over axis 0; rows where it is False are left out.
     """
-    axes = reduction_axes(x.ndim, feature_axis)
+
+    layout: Layout
+    mask: jax.Array | None = None
+
+    def sum(
+        self,
+        fn: Callable[..., jax.Array],
+        arrays: tuple[jax.Array, ...],
+        vectors: tuple[jax.Array, ...] = (),
+        site: int | None = None,
+    ) -> jax.Array:
+        """``sum over valid rows and devices of fn(*arrays, *vectors)``, per channel.
+
+        ``fn`` is applied elementwise to the full-size ``arrays`` and per-channel ``vectors``,
+        in the input's own shape or seen through reduction site ``site``'s view (see the module
+        docstring); masked rows are replaced by zeros with ``where`` (so NaN/inf padding cannot
+        leak in) and the result is summed over every axis but the channels, then across
+        ``axis_name``.
+        """
+        lay = self.layout
+        values = fn(*(lay.view(a, site) for a in arrays),
+                    *(lay.channel_view(v, site) for v in vectors))
+        if self.mask is not None:
+            keep = lay.row_view(self.mask, site)
+            values = jnp.where(keep, values, jnp.zeros((), values.dtype))
+        axes = tuple(i for i in range(values.ndim) if i != lay.channel_axis(site))
+        return psum(jnp.sum(values, axis=axes), lay.axis_name, lay.axis_index_groups)
+
+    def count(self, dtype: jnp.dtype) -> int | jax.Array:
+        """Elements per channel in the (global, valid part of the) batch.
+
+        A static Python ``int`` without mask and ``axis_name``; else a traced scalar of ``dtype``.
+        """
+        lay = self.layout
+        count = count_per_channel(lay.shape, lay.feature_axis)
+        if self.mask is None and lay.axis_name is None:
+            return count
+        if self.mask is None:
+            local = jnp.asarray(count, dtype)
+        else:
+            per_row = count // lay.shape[0] if lay.shape[0] else 0
+            local = jnp.sum(self.mask.astype(dtype)) * per_row
+        return psum(local, lay.axis_name, lay.axis_index_groups)
+
+    def shift(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """A per-channel value from the data near its mean, to subtract before summing.
+
+        The first element of each channel in the first valid row (zero if there is none). Rows
+        spread over devices contribute their average instead: across ``axis_name`` each device's
+        first valid row, and when the rows are explicitly sharded, every valid row (a slice of
+        ``N x C`` elements, no device needs another's row). Any finite value is correct; one
+        close to the data keeps the sums small.
+        """
+        lay = self.layout
+        sharded = lay.spec or (None,) * len(lay.shape)
+        if math.prod(lay.shape) == 0:  # no rows, or an empty spatial axis: nothing to read
+            return jnp.zeros((lay.num_features,), dtype)
+        mask = self.mask
+        if lay.feature_axis != 0 and sharded[0] is None:  # one row: the first valid one
+            first = 0 if mask is None else jnp.argmax(mask)
+            x = jax.lax.dynamic_slice_in_dim(x, first, 1, axis=0)
+            mask = None if mask is None else jnp.any(mask)[None]
+        # The first element along every other axis that is not the channels or sharded.
+        index = tuple(
+            slice(None) if i in (0, lay.feature_axis) or sharded[i] is not None else slice(0, 1)
+            for i in range(len(lay.shape))
+        )
+        corner = x[index]
+        corner_layout = Layout.of(corner, lay.feature_axis, lay.axis_name, lay.axis_index_groups)
+        sums = ChannelSums(corner_layout, mask)
+        count = sums.count(dtype)
+        total = sums.sum(lambda t: t.astype(dtype), (corner,))
+        if isinstance(count, int):
+            return total / count
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.zeros((), dtype))
+
+
+def moments(x: jax.Array, sums: ChannelSums) -> Moments:
+    """Per-channel moments of the (global, unmasked part of the) batch, two reads of ``x``.
+
+    Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
+    NaN mean; callers must not use it (torch leaves running statistics untouched then).
+    """
     dtype = stats_dtype(x.dtype)
-    xs = x.astype(dtype)
-    count = count_per_channel(x.shape, feature_axis)
-    if mask is not None:
-        per_row = count // x.shape[0] if x.shape[0] else 0
-        count = jnp.sum(mask.astype(dtype)) * per_row
-    n = jnp.asarray(count, dtype)
-    rough_mean = jnp.sum(masked(xs, mask), axis=axes) / n
-    # The first sum carries the accumulation error of large values (float32 data with mean 1e4
-    # over 8192 elements: 1.8e-3, more than the 1e-3 the outputs may be off). The deviations from
-    # the rough mean are small and exact, so their sums correct the mean and give m2 in the same
-    # (second) pass: sum((x - m)^2) = sum((x - r)^2) - n (m - r)^2 for m = r + sum(x - r) / n.
-    centered = masked(xs - broadcast_channel(rough_mean, x.ndim, feature_axis), mask)
-    correction = jnp.sum(centered, axis=axes) / n
-    m2 = jnp.sum(jnp.square(centered), axis=axes) - n * jnp.square(correction)
-    m2 = jnp.maximum(m2, 0)  # rounding must not turn a constant channel's 0 negative
-    # A channel holding inf has an infinite mean (as in torch), not the NaN of inf - inf.
-    mean = jnp.where(jnp.isfinite(correction), rough_mean + correction, rough_mean)
-    return Moments(count=count, mean=mean, m2=m2)
-
-
-def all_reduce_moments(
-    moments: Moments, axis_name: Any, axis_index_groups: Any = None
-) -> Moments:
-    """Exact moments of the union of every device's batch along ``axis_name``.
-
-    Chan et al.'s parallel merge of each device's ``(count, mean, m2)``::
-
-        N = sum(n_i);  mean = sum(n_i * mean_i) / N;  m2 = sum(m2_i + n_i * (mean_i - mean)**2)
-
-    as two ``psum``s of per-channel vectors (the second needs the global mean), so uneven (or
-    empty) per-device batches are weighted by their counts, as torch's SyncBatchNorm does, and
-    the result is replicated. It equals single-device moments of the concatenated batch.
-    """
-    dtype = moments.mean.dtype
-    count = jnp.asarray(moments.count, dtype)
-    present = count > 0
-    zero = jnp.zeros((), dtype)
-    # A device with an empty batch has a NaN mean: give it exactly zero weight.
-    local_mean = jnp.where(present, moments.mean, zero)
-    total, weighted_sum = psum(
-        (count, count * local_mean), axis_name, axis_index_groups=axis_index_groups
-    )
-    mean = weighted_sum / total
-    spread = jnp.where(present, moments.m2 + count * jnp.square(local_mean - mean), zero)
-    m2 = psum(spread, axis_name, axis_index_groups=axis_index_groups)
-    return Moments(count=total, mean=mean, m2=m2)
+    count = sums.count(dtype)
+    shift = sums.shift(x, dtype)
+    inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
+    # Site 0: sum of x - shift (small numbers whatever the offset of the data).
+    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=0) * inv_count
+    mean = shift + offset
+    mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
+    # Site 1: squared deviations from the rounded mean; the exact-mean correction is second order.
+    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=1)
+    m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
+    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 
 
 def psum(value: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
-    """``jax.lax.psum`` that says why ``axis_index_groups`` fails outside ``pmap``.
+    """``jax.lax.psum`` over ``axis_name`` (``value`` unchanged when ``axis_name`` is None).
 
-    JAX implements index groups for ``pmap`` only; ``shard_map`` raises a bare
-    ``NotImplementedError`` and ``vmap`` a terse one.
+    Says why ``axis_index_groups`` fails outside ``pmap``: JAX implements index groups for
+    ``pmap`` only; ``shard_map`` raises a bare ``NotImplementedError`` and ``vmap`` a terse one.
     """
+    if axis_name is None:
+        return value
     try:
         return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
     except NotImplementedError as e:
@@ -166,15 +333,13 @@ def batch_moments(
       x: floating input of any rank >= 2.
       feature_axis: the non-negative channel axis; every other axis is reduced.
       mask: optional bool ``(N,)`` over axis 0; False rows are excluded.
-      axis_name: optional named axis (or tuple of names) to merge statistics across devices.
+      axis_name: optional named axis (or tuple of names) to merge statistics across devices:
+        the result equals the moments of the concatenated batch of every device.
       axis_index_groups: optional device groups for the merge (as in ``jax.lax.psum``).
 
     Returns:
       ``Moments`` in ``stats_dtype(x.dtype)``; ``count`` is a Python int when neither a mask nor
-      an axis name makes it data-dependent. An empty batch gives a NaN mean; callers must not use
-      it (torch leaves running statistics untouched then).
+      an axis name makes it data-dependent. An empty batch gives a NaN mean.
     """
-    moments = local_moments(x, feature_axis, mask)
-    if axis_name is not None:
-        moments = all_reduce_moments(moments, axis_name, axis_index_groups)
-    return moments
+    layout = Layout.of(x, feature_axis, axis_name, axis_index_groups)
+    return moments(x, ChannelSums(layout, mask))

@@ -16,6 +16,8 @@ from helpers import (
     F64_TOL,
     MOMENTA,
     LayerPair,
+    assert_close,
+    assert_state_matches,
     feature_axes,
     input_shape,
     random_input,
@@ -120,14 +122,25 @@ F32_TOL = 1e-5  # outputs are O(1) here; torch folds into x * alpha + beta, jaxb
 @pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
 @pytest.mark.parametrize("rank,axis", LAYOUTS, ids=[f"rank{r}_axis{a}" for r, a in LAYOUTS])
 def test_float32_matches_torch_float32(rank, axis, training, momentum):
-    """The same layer in float32 on both sides agrees to float32 rounding."""
+    """jaxbn in float32 is within float32 rounding of torch's exact (float64) result.
+
+    The reference is torch in float64 on the same float32-valued inputs and buffers, not torch's
+    float32 kernel: that one folds the mean into ``x * alpha + beta`` and is itself up to 1.2e-5
+    off the float64 result on these inputs (n = 2 at the second step), while jaxbn stays ~4e-7.
+    """
     rng = np.random.default_rng(seed_of("float32", rank, axis, training, momentum))
     flags = BatchNormFlags(training=training, momentum=momentum, axis=axis)
     state = random_state(rng, NUM_FEATURES, jnp.float32)
     params = random_params(rng, NUM_FEATURES, jnp.float32)
-    pair = LayerPair.build(NUM_FEATURES, rank, state, params, flags, dtype=torch.float32)
+    reference = torch_oracle.build_module(NUM_FEATURES, rank, state, params, flags, torch.float64)
     for step, batch in enumerate(STEP_BATCHES):
         x = random_input(rng, input_shape(rank, NUM_FEATURES, axis, batch=batch), np.float32,
                          loc=step, scale=2.0)
-        pair.step_and_compare(x, flags, tol=F32_TOL, what=f"step {step}")
-        assert pair.state.running_mean.dtype == jnp.float32
+        torch_oracle.apply_flags(reference, flags)
+        with torch.no_grad():
+            y_exact = torch_oracle.forward(reference, x.astype(np.float64), axis)
+        y, state = jaxbn.batch_norm(jnp.asarray(x), state, params, flags)
+        assert y.dtype == jnp.float32
+        assert_close(y, torch_oracle.to_numpy(y_exact), F32_TOL, f"step {step} output")
+        assert_state_matches(state, torch_oracle.module_state(reference), F32_TOL, f"step {step}")
+        assert state.running_mean.dtype == jnp.float32
