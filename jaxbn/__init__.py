@@ -6,8 +6,9 @@ The public API:
   ``BatchNorm{1,2,3}d.forward`` with every call-time attribute.
 * :class:`BatchNormFlags`, :class:`BatchNormState`, :class:`BatchNormParams`,
   :func:`init_state`, :func:`init_params`.
-* ``jaxbn.linen.BatchNorm`` / ``jaxbn.nnx.BatchNorm`` -- ``torch.nn.BatchNorm*d`` as Flax
-  modules (submodules, imported on first access).
+* ``jaxbn.linen.BatchNorm`` / ``jaxbn.nnx.BatchNorm`` and ``jaxbn.linen.InstanceNorm`` /
+  ``jaxbn.nnx.InstanceNorm`` -- ``torch.nn.BatchNorm*d`` / ``InstanceNorm*d`` as Flax modules
+  (submodules, imported on first access).
 * :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
   sharing batch norm's state, params and core.
 * ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),

@@ -1,18 +1,24 @@
 """What the Flax adapters share: module attributes + call-time overrides -> :class:`BatchNormFlags`.
 
-``jaxbn.linen.BatchNorm`` and ``jaxbn.nnx.BatchNorm`` hold torch's attribute names
-(``track_running_stats``, ``momentum``, ``eps``) plus ``axis`` and, for ``SyncBatchNorm``,
-``axis_name`` / ``axis_index_groups``. A call may override any of them
-for that call only; because ``momentum=None`` is a meaningful value (torch's cumulative average),
-"not overridden" is spelled :data:`UNSET`. Translation lives here once; the adapters add only
-their framework's variable handling.
+``jaxbn.linen`` and ``jaxbn.nnx`` each offer ``BatchNorm`` and ``InstanceNorm``. They hold torch's
+attribute names (``track_running_stats``, ``momentum``, ``eps``) plus ``axis`` and, for
+``BatchNorm`` (torch's ``SyncBatchNorm``), ``axis_name`` / ``axis_index_groups``. A call may
+override any of them for that call only; because ``momentum=None`` is a meaningful value (torch's
+cumulative average), "not overridden" is spelled :data:`UNSET`. What differs between the two
+torch families (which pure function runs, when buffers are written, whether the mode matters) is
+one :class:`NormFamily` value; translation lives here once, and the adapters add only their
+framework's variable handling.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+from typing import Any, Callable, Protocol
 
-from .core import BatchNormFlags
+from .core import BatchNormFlags, batch_norm
+from .core import updates_buffers as batch_norm_updates_buffers
+from .instance_norm import instance_norm
+from .instance_norm import updates_buffers as instance_norm_updates_buffers
 
 
 class _Unset:
@@ -26,27 +32,92 @@ UNSET: Any = _Unset()
 """Default of the call-time overrides: use the module's attribute."""
 
 
+@dataclasses.dataclass(frozen=True)
+class NormFamily:
+    """A torch module family as the adapters see it.
+
+    Attributes:
+      name: torch's class-name stem, ``"BatchNorm"`` or ``"InstanceNorm"`` (used in messages).
+      apply: the pure function, ``(x, state, params, flags, **extra) -> (y, new_state)``.
+      updates_buffers: ``(flags, has_buffers) -> bool``: whether this call writes the buffers.
+      when_updated: that rule in words, for the error about an immutable collection.
+      mode_matters: ``(track_running_stats) -> bool``: whether the call's outcome depends on
+        training vs eval (if not, a linen module need not be told its mode).
+      synchronizes: the modules have ``axis_name`` / ``axis_index_groups`` (torch's
+        ``SyncBatchNorm``).
+    """
+
+    name: str
+    apply: Callable[..., Any]
+    updates_buffers: Callable[[BatchNormFlags, bool], bool]
+    when_updated: str
+    mode_matters: Callable[[bool], bool]
+    synchronizes: bool
+
+
+BATCH_NORM = NormFamily(
+    name="BatchNorm",
+    apply=batch_norm,
+    updates_buffers=batch_norm_updates_buffers,
+    when_updated="it is training with track_running_stats=True",
+    # Always asked for, as flax.linen.BatchNorm asks for use_running_average.
+    mode_matters=lambda tracking: True,
+    synchronizes=True,
+)
+
+INSTANCE_NORM = NormFamily(
+    name="InstanceNorm",
+    apply=instance_norm,
+    updates_buffers=instance_norm_updates_buffers,
+    when_updated=(
+        "it uses input statistics (training, or track_running_stats=False, even in eval) "
+        "and has running statistics"
+    ),
+    # Without tracking, torch's instance norm uses input statistics in both modes.
+    mode_matters=lambda tracking: tracking,
+    synchronizes=False,
+)
+
+
 class ModuleAttributes(Protocol):
-    """The attributes both adapters carry, under torch's names."""
+    """The attributes every adapter carries, under torch's names.
+
+    ``BatchNorm`` adapters also carry ``axis_name`` and ``axis_index_groups``.
+    """
 
     track_running_stats: bool
     momentum: float | None
     eps: float
     axis: int
-    axis_name: Any
-    axis_index_groups: Any
 
 
-def resolve_mode(call_value: bool | None, attribute_value: bool | None, name: str) -> bool:
-    """The call's mode argument if given, else the module's attribute; one of them must be set.
+def pick(override: Any, attribute: Any) -> Any:
+    """The call-time override if one was given, else the module's attribute."""
+    return attribute if override is UNSET else override
+
+
+def resolve_mode(
+    call_value: bool | None,
+    attribute_value: bool | None,
+    name: str,
+    *,
+    family: NormFamily,
+    tracking: bool,
+    irrelevant: bool | None = None,
+) -> bool:
+    """The call's mode argument if given, else the module's attribute.
 
     ``name`` is the mode's name in the adapter (``"train"`` for linen, ``"use_running_average"``
-    for NNX), used in the error.
+    for NNX), used in the error. When both are ``None``: ``irrelevant`` if the mode does not
+    change this call (``family.mode_matters(tracking)`` is false and ``irrelevant`` is given),
+    else a ``ValueError``.
     """
     value = attribute_value if call_value is None else call_value
     if value is None:
+        if irrelevant is not None and not family.mode_matters(tracking):
+            return irrelevant
         raise ValueError(
-            f"BatchNorm needs to know whether it is training: pass {name}=True/False to the "
+            f"{family.name} needs to know whether it is training: pass {name}=True/False to the "
             f"constructor or to the call (torch's module.train() / module.eval())"
         )
     return bool(value)
@@ -65,12 +136,9 @@ def call_flags(
 
     PyTorch equivalent: setting ``bn.track_running_stats``, ``bn.momentum``, ``bn.eps`` and
     ``bn.train(training)`` just before ``bn(x)``. ``synchronize=False`` drops ``axis_name``
-    (Flax's rule for ``init``, which runs outside the mapped axis).
+    (Flax's rule for ``init``, which runs outside the mapped axis; instance norm never
+    synchronizes and its modules have no ``axis_name``).
     """
-
-    def pick(override: Any, attribute: Any) -> Any:
-        return attribute if override is UNSET else override
-
     return BatchNormFlags(
         training=training,
         track_running_stats=pick(track_running_stats, module.track_running_stats),

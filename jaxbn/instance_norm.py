@@ -48,6 +48,11 @@ def use_input_stats(flags: BatchNormFlags) -> bool:
     return flags.training or not flags.track_running_stats
 
 
+def updates_buffers(flags: BatchNormFlags, has_buffers: bool) -> bool:
+    """torch's instance norm updates existing buffers whenever it uses input statistics (even in eval)."""
+    return use_input_stats(flags) and has_buffers
+
+
 def repeat_per_instance(v: jax.Array, n: int) -> jax.Array:
     """A ``(C,)`` vector repeated for ``n`` instances, ``(n*C,)``, in the folded channel order."""
     return jnp.tile(v, n)

@@ -1,4 +1,4 @@
-"""``torch.nn.BatchNorm{1,2,3}d`` as a ``flax.linen`` module.
+"""``torch.nn.BatchNorm{1,2,3}d`` and ``InstanceNorm{1,2,3}d`` as ``flax.linen`` modules.
 
 Variables carry torch's names, so a torch ``state_dict`` maps onto them 1:1::
 
@@ -6,31 +6,103 @@ Variables carry torch's names, so a torch ``state_dict`` maps onto them 1:1::
     batch_stats: {running_mean, running_var, num_batches_tracked} # absent when built with
                                                                   # track_running_stats=False
 
-The module only translates (attributes and call arguments -> :class:`jaxbn.BatchNormFlags`,
+The modules only translate (attributes and call arguments -> :class:`jaxbn.BatchNormFlags`,
 Flax variables -> :class:`jaxbn.BatchNormState` / :class:`jaxbn.BatchNormParams`); the math is
-:func:`jaxbn.batch_norm`.
+:func:`jaxbn.batch_norm` / :func:`jaxbn.instance_norm`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from . import validation
-from .adapter_flags import UNSET, call_flags, resolve_mode
-from .core import BatchNormParams, BatchNormState, batch_norm
-from .core import init_params, init_state, updates_buffers
+from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags, pick
+from .adapter_flags import resolve_mode
+from .core import BatchNormParams, BatchNormState, init_params, init_state
 
-__all__ = ["BatchNorm", "UNSET"]
+__all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
 
 STATS = "batch_stats"
 
 
-class BatchNorm(nn.Module):
-    """PyTorch's ``BatchNorm{1,2,3}d`` (and ``LazyBatchNorm*``) for Flax linen.
+class _TorchNorm(nn.Module):
+    """The attributes and the call shared by the torch families (see :class:`BatchNorm`)."""
+
+    family: ClassVar[NormFamily]
+
+    num_features: int | None = None
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    train: bool | None = None
+    axis: int = -1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def _normalize(
+        self, x: jax.Array, train: bool | None, overrides: dict[str, Any], **extra: Any
+    ) -> jax.Array:
+        """One call: resolve the flags, read the variables, run the pure function, write back."""
+        family = self.family
+        tracking = pick(overrides["track_running_stats"], self.track_running_stats)
+        training = resolve_mode(
+            train, self.train, "train", family=family, tracking=tracking, irrelevant=True
+        )
+        synchronize = family.synchronizes and not self.is_initializing()
+        flags = call_flags(self, training, synchronize=synchronize, **overrides)
+        if self.dtype is not None:
+            x = jnp.asarray(x, self.dtype)
+        feature_axis = validation.check_input(x, flags.axis)
+        num_features = x.shape[feature_axis] if self.num_features is None else self.num_features
+
+        params = self._params(num_features)
+        stats = self._stats(num_features)
+        state = None if stats is None else BatchNormState(*(v.value for v in stats))
+
+        writes = family.updates_buffers(flags, state is not None) and not self.is_initializing()
+        if writes and not self.is_mutable_collection(STATS):
+            raise ValueError(
+                f"jaxbn.linen.{family.name} updates its running statistics in this call "
+                f"({family.when_updated}), but the '{STATS}' collection is immutable: call "
+                f"model.apply(variables, x, train=..., mutable=['{STATS}']) and keep the "
+                f"returned '{STATS}'"
+            )
+        y, new_state = family.apply(x, state, params, flags, **extra)
+        if writes:
+            for variable, value in zip(stats, new_state):
+                variable.value = value
+        return y
+
+    def _params(self, num_features: int) -> BatchNormParams | None:
+        """``weight`` and ``bias`` as torch initializes them, or ``None`` when not affine."""
+        if not self.affine:
+            return None
+        fresh = lambda: init_params(num_features, self.param_dtype)  # noqa: E731
+        return BatchNormParams(
+            *(
+                self.param(name, lambda _key, n=name: getattr(fresh(), n))
+                for name in BatchNormParams._fields
+            )
+        )
+
+    def _stats(self, num_features: int) -> tuple[nn.Variable, ...] | None:
+        """The three ``batch_stats`` variables in :class:`BatchNormState` order, or ``None``."""
+        if not self.track_running_stats:
+            return None
+        fresh = lambda: init_state(num_features, self.param_dtype)  # noqa: E731
+        return tuple(
+            self.variable(STATS, name, lambda n=name: getattr(fresh(), n))
+            for name in BatchNormState._fields
+        )
+
+
+class BatchNorm(_TorchNorm):
+    """PyTorch's ``BatchNorm{1,2,3}d`` (and ``LazyBatchNorm*``, ``SyncBatchNorm``) for Flax linen.
 
     PyTorch equivalent::
 
@@ -59,15 +131,8 @@ class BatchNorm(nn.Module):
         like Flax's BatchNorm.
     """
 
-    num_features: int | None = None
-    eps: float = 1e-5
-    momentum: float | None = 0.1
-    affine: bool = True
-    track_running_stats: bool = True
-    train: bool | None = None
-    axis: int = -1
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    family: ClassVar[NormFamily] = BATCH_NORM
+
     axis_name: Any = None
     axis_index_groups: Any = None
 
@@ -86,7 +151,7 @@ class BatchNorm(nn.Module):
 
         Args:
           x: input with features on ``self.axis``.
-          train: training mode for this call (default: ``self.train``).
+          train: training mode for this call (default: ``self.train``; one must be set).
           track_running_stats, momentum, eps: this call's value of torch's attribute of the
             same name (default: the module's). ``track_running_stats=False`` on a module built
             with it True uses batch statistics and leaves ``batch_stats`` untouched in training,
@@ -98,56 +163,58 @@ class BatchNorm(nn.Module):
             mutable (pass ``mutable=['batch_stats']`` to ``apply``); plus everything
             :func:`jaxbn.batch_norm` raises.
         """
-        training = resolve_mode(train, self.train, "train")
-        flags = call_flags(
-            self,
-            training,
-            track_running_stats=track_running_stats,
-            momentum=momentum,
-            eps=eps,
-            synchronize=not self.is_initializing(),
-        )
-        if self.dtype is not None:
-            x = jnp.asarray(x, self.dtype)
-        feature_axis = validation.check_input(x, flags.axis)
-        num_features = x.shape[feature_axis] if self.num_features is None else self.num_features
+        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
+        return self._normalize(x, train, overrides, mask=mask)
 
-        params = self._params(num_features)
-        stats = self._stats(num_features)
-        state = None if stats is None else BatchNormState(*(v.value for v in stats))
 
-        writes = updates_buffers(flags, state is not None) and not self.is_initializing()
-        if writes and not self.is_mutable_collection(STATS):
-            raise ValueError(
-                "jaxbn.linen.BatchNorm is training with track_running_stats=True, which updates "
-                f"the running statistics, but the '{STATS}' collection is immutable: call "
-                f"model.apply(variables, x, train=True, mutable=['{STATS}']) and keep the "
-                f"returned '{STATS}', or call with train=False to use the running statistics"
-            )
-        y, new_state = batch_norm(x, state, params, flags, mask=mask)
-        if writes:
-            for variable, value in zip(stats, new_state):
-                variable.value = value
-        return y
+class InstanceNorm(_TorchNorm):
+    """PyTorch's ``InstanceNorm{1,2,3}d`` (and ``LazyInstanceNorm*``) for Flax linen.
 
-    def _params(self, num_features: int) -> BatchNormParams | None:
-        """``weight`` and ``bias`` as torch initializes them, or ``None`` when not affine."""
-        if not self.affine:
-            return None
-        fresh = lambda: init_params(num_features, self.param_dtype)  # noqa: E731
-        return BatchNormParams(
-            *(
-                self.param(name, lambda _key, n=name: getattr(fresh(), n))
-                for name in BatchNormParams._fields
-            )
-        )
+    PyTorch equivalent::
 
-    def _stats(self, num_features: int) -> tuple[nn.Variable, ...] | None:
-        """The three ``batch_stats`` variables in :class:`BatchNormState` order, or ``None``."""
-        if not self.track_running_stats:
-            return None
-        fresh = lambda: init_state(num_features, self.param_dtype)  # noqa: E731
-        return tuple(
-            self.variable(STATS, name, lambda n=name: getattr(fresh(), n))
-            for name in BatchNormState._fields
-        )
+        m = torch.nn.InstanceNorm2d(num_features, eps, momentum, affine, track_running_stats)
+        m.train(train)
+        y = m(x)                     # x in (N, C, H, W); here features are on ``axis`` (NHWC)
+
+    Same attributes, variables and call-time overrides as :class:`BatchNorm` (no ``axis_name``:
+    statistics are per instance, no ``mask``), with torch's InstanceNorm defaults
+    ``affine=False, track_running_stats=False`` and torch's InstanceNorm semantics
+    (:func:`jaxbn.instance_norm`): input statistics whenever ``train or not
+    track_running_stats``; existing running statistics are then updated *even in eval*, so such
+    calls need ``mutable=['batch_stats']``; ``momentum=None`` leaves them unchanged; the counter
+    never moves. The input must be batched, ``(N, *spatial, C)`` with the default ``axis=-1``.
+
+    ``train`` is needed only when the call tracks running statistics: without tracking torch's
+    instance norm does the same in both modes, so ``InstanceNorm()(x)`` just works.
+    """
+
+    family: ClassVar[NormFamily] = INSTANCE_NORM
+
+    affine: bool = False
+    track_running_stats: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool | None = None,
+        *,
+        track_running_stats: Any = UNSET,
+        momentum: Any = UNSET,
+        eps: Any = UNSET,
+    ) -> jax.Array:
+        """Normalize each instance of ``x``; update ``batch_stats`` when torch would.
+
+        Args:
+          x: batched input with features on ``self.axis`` (rank >= 3).
+          train: training mode for this call (default: ``self.train``); required only when
+            this call's ``track_running_stats`` is True.
+          track_running_stats, momentum, eps: this call's value of torch's attribute of the
+            same name (default: the module's).
+
+        Raises:
+          ValueError: the call updates the running statistics but ``batch_stats`` is not
+            mutable; plus everything :func:`jaxbn.instance_norm` raises.
+        """
+        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
+        return self._normalize(x, train, overrides)
