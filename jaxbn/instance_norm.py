@@ -58,12 +58,16 @@ def repeat_per_instance(v: jax.Array, n: int) -> jax.Array:
     return jnp.tile(v, n)
 
 
-def average_over_instances(v: jax.Array, n: int, c: int) -> jax.Array:
-    """``(n*c,)`` per-instance buffers back to ``(c,)``: their mean over the ``n`` instances.
+def average_over_instances(folded: jax.Array, old: jax.Array, n: int) -> jax.Array:
+    """``(n*C,)`` per-instance updated buffers back to ``(C,)``: their mean over the ``n`` instances.
 
-    For ``n == 0`` this is NaN, as in torch (the mean of no instances).
+    Written as ``old + mean(folded - old)``, which equals torch's ``mean(folded)`` in exact
+    arithmetic but does not round ``n`` copies of an unchanged buffer (``momentum=None``) into a
+    different value: torch's plain mean can move it by a few ulps. For ``n == 0`` this is NaN, as
+    in torch (the mean of no instances).
     """
-    return jnp.mean(v.reshape(n, c), axis=0).astype(v.dtype)
+    change = folded.reshape(n, old.shape[0]) - old
+    return (old + jnp.mean(change, axis=0)).astype(old.dtype)
 
 
 def instance_norm(
@@ -113,9 +117,9 @@ def instance_norm(
             "eval with track_running_stats=True needs state (the layer has no buffers)"
         )
 
-    n, c = shape[0], shape[feature_axis]
+    n = shape[0]
     channels_first = jnp.moveaxis(x, feature_axis, 1)
-    folded = channels_first.reshape((1, n * c) + channels_first.shape[2:])
+    folded = channels_first.reshape((1, n * shape[feature_axis]) + channels_first.shape[2:])
     folded_state = None
     if state is not None:
         folded_state = state._replace(
@@ -141,11 +145,13 @@ def instance_norm(
     # batch_norm counts exactly the updates it applied (its guard may have skipped this one).
     applied = folded_new.num_batches_tracked != folded_state.num_batches_tracked
     new_state = state._replace(
-        running_mean=jnp.where(
-            applied, average_over_instances(folded_new.running_mean, n, c), state.running_mean
-        ),
-        running_var=jnp.where(
-            applied, average_over_instances(folded_new.running_var, n, c), state.running_var
-        ),
+        **{
+            name: jnp.where(
+                applied,
+                average_over_instances(getattr(folded_new, name), getattr(state, name), n),
+                getattr(state, name),
+            )
+            for name in ("running_mean", "running_var")
+        }
     )
     return y, new_state
