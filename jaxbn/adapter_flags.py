@@ -96,36 +96,11 @@ def pick(override: Any, attribute: Any) -> Any:
     return attribute if override is UNSET else override
 
 
-def resolve_mode(
-    call_value: bool | None,
-    attribute_value: bool | None,
-    name: str,
-    *,
-    family: NormFamily,
-    tracking: bool,
-    irrelevant: bool | None = None,
-) -> bool:
-    """The call's mode argument if given, else the module's attribute.
-
-    ``name`` is the mode's name in the adapter (``"train"`` for linen, ``"use_running_average"``
-    for NNX), used in the error. When both are ``None``: ``irrelevant`` if the mode does not
-    change this call (``family.mode_matters(tracking)`` is false and ``irrelevant`` is given),
-    else a ``ValueError``.
-    """
-    value = attribute_value if call_value is None else call_value
-    if value is None:
-        if irrelevant is not None and not family.mode_matters(tracking):
-            return irrelevant
-        raise ValueError(
-            f"{family.name} needs to know whether it is training: pass {name}=True/False to the "
-            f"constructor or to the call (torch's module.train() / module.eval())"
-        )
-    return bool(value)
-
-
 def call_flags(
     module: ModuleAttributes,
-    training: bool,
+    family: NormFamily,
+    training: bool | None,
+    mode_name: str,
     *,
     track_running_stats: Any = UNSET,
     momentum: Any = UNSET,
@@ -135,13 +110,26 @@ def call_flags(
     """The flags for one call: the module's attributes, each replaced by its override if given.
 
     PyTorch equivalent: setting ``bn.track_running_stats``, ``bn.momentum``, ``bn.eps`` and
-    ``bn.train(training)`` just before ``bn(x)``. ``synchronize=False`` drops ``axis_name``
-    (Flax's rule for ``init``, which runs outside the mapped axis; instance norm never
-    synchronizes and its modules have no ``axis_name``).
+    ``bn.train(training)`` just before ``bn(x)``.
+
+    ``training=None`` means neither the call nor the module set the mode (``mode_name`` is its
+    name in the adapter, ``"train"`` or ``"use_running_average"``): allowed only where the
+    family's result does not depend on it (``family.mode_matters``), else a ``ValueError``.
+    ``axis_name`` is kept only for a family that synchronizes and with ``synchronize=True``
+    (``False`` is Flax's rule for ``init``, which runs outside the mapped axis).
     """
+    tracking = pick(track_running_stats, module.track_running_stats)
+    if training is None:
+        if family.mode_matters(tracking):
+            raise ValueError(
+                f"{family.name} needs to know whether it is training: pass {mode_name}=True/False "
+                f"to the constructor or to the call (torch's module.train() / module.eval())"
+            )
+        training = True  # either mode gives the same result; torch modules start training
+    synchronize = synchronize and family.synchronizes
     return BatchNormFlags(
-        training=training,
-        track_running_stats=pick(track_running_stats, module.track_running_stats),
+        training=bool(training),
+        track_running_stats=tracking,
         momentum=pick(momentum, module.momentum),
         eps=pick(eps, module.eps),
         axis=module.axis,

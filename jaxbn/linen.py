@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import validation
-from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags, pick
-from .adapter_flags import resolve_mode
+from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
 from .core import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
@@ -49,12 +48,10 @@ class _TorchNorm(nn.Module):
     ) -> jax.Array:
         """One call: resolve the flags, read the variables, run the pure function, write back."""
         family = self.family
-        tracking = pick(overrides["track_running_stats"], self.track_running_stats)
-        training = resolve_mode(
-            train, self.train, "train", family=family, tracking=tracking, irrelevant=True
+        training = self.train if train is None else train
+        flags = call_flags(
+            self, family, training, "train", synchronize=not self.is_initializing(), **overrides
         )
-        synchronize = family.synchronizes and not self.is_initializing()
-        flags = call_flags(self, training, synchronize=synchronize, **overrides)
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
         feature_axis = validation.check_input(x, flags.axis)

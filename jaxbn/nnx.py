@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags, pick
-from .adapter_flags import resolve_mode
+from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
 from .core import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
@@ -69,16 +68,10 @@ class _TorchNorm(nnx.Module):
     ) -> jax.Array:
         """One call: resolve the flags, read the variables, run the pure function, write back."""
         family = self.family
-        tracking = pick(overrides["track_running_stats"], self.track_running_stats)
-        training = not resolve_mode(
-            use_running_average,
-            self.use_running_average,
-            "use_running_average",
-            family=family,
-            tracking=tracking,
-            irrelevant=False,
-        )
-        flags = call_flags(self, training, synchronize=family.synchronizes, **overrides)
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        training = None if use_running_average is None else not use_running_average
+        flags = call_flags(self, family, training, "use_running_average", **overrides)
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
         params = None if self.weight is None else BatchNormParams(self.weight[...], self.bias[...])
