@@ -1,7 +1,7 @@
 """Formulation experiment behind benchmarks/NOTES.md: how should the statistics be reduced?
 
 Times jaxbn's jitted train step (see run.py) with the batch statistics computed three ways, by
-swapping ``jaxbn.core.moments`` (the library keeps only the first):
+swapping ``jaxbn.functional.kernel.moments`` (the library keeps only the first):
 
 * ``two-pass, views``   -- the library: shifted sum, then squared deviations from the mean, each
   reduction reading ``x`` through its own view (distinct broadcasts for XLA:CPU);
@@ -32,7 +32,7 @@ def natural_two_pass(x, sums):
 def two_pass(x, sums, sites):
     import jax.numpy as jnp
 
-    from jaxbn.stats import Moments, stats_dtype
+    from jaxbn.functional.reductions import Moments, stats_dtype
 
     dtype = stats_dtype(x.dtype)
     count, shift = sums.count(dtype), sums.shift(x, dtype)
@@ -46,7 +46,7 @@ def two_pass(x, sums, sites):
 def one_pass_shifted(x, sums):
     import jax.numpy as jnp
 
-    from jaxbn.stats import Moments, stats_dtype
+    from jaxbn.functional.reductions import Moments, stats_dtype
 
     dtype = stats_dtype(x.dtype)
     count, shift = sums.count(dtype), sums.shift(x, dtype)
@@ -67,9 +67,9 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     import jax
 
-    import jaxbn.core
+    import jaxbn.functional.kernel
 
-    library = jaxbn.core.moments
+    library = jaxbn.functional.kernel.moments
     variants = {
         "two-pass, views": library,
         "two-pass, natural": natural_two_pass,
@@ -84,11 +84,11 @@ def main() -> None:
         cont = bench.Contenders(case, device)
         fns = {}
         for name, impl in variants.items():
-            jaxbn.core.moments = impl
+            jaxbn.functional.kernel.moments = impl
             fn, a = cont.jaxbn_train_fn()
             compiled = jax.jit(fn).lower(*a).compile()
             fns[name] = lambda c=compiled, a=a: c(*a)
-        jaxbn.core.moments = library
+        jaxbn.functional.kernel.moments = library
         floor, fa = cont.floor_train_fn()
         floor = jax.jit(floor)
         fns["floor"] = lambda: floor(*fa)

@@ -34,7 +34,7 @@ def main() -> float:
     try:
         import torch
 
-        from jaxbn import torch_oracle
+        from jaxbn.testing import oracle as torch_oracle
     except ImportError:
         torch_oracle = None
     rng = np.random.default_rng(0)

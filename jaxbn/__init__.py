@@ -17,16 +17,18 @@ The public API:
   access.
 """
 
-from .core import (
+from .functional import (
     BatchNormFlags,
     BatchNormParams,
     BatchNormState,
+    InstanceNormFlags,
+    Moments,
+    batch_moments,
     batch_norm,
     init_params,
     init_state,
+    instance_norm,
 )
-from .instance_norm import InstanceNormFlags, instance_norm
-from .stats import Moments, batch_moments
 
 __all__ = [
     "BatchNormFlags",

@@ -17,7 +17,7 @@ import jax
 
 
 def _table(args: argparse.Namespace) -> int:
-    from . import behaviour
+    from .testing import behaviour
 
     with_torch = False if args.no_torch else None
     rows = behaviour.behaviour_table(with_torch=with_torch)
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="print the behaviour table (the default)")
     table.add_argument("--no-torch", action="store_true", help="skip the comparison with torch")
     table.set_defaults(func=_table)
-    from . import convert_cli
+    from .porting import cli as convert_cli
 
     convert_cli.add_parser(sub)
     return parser

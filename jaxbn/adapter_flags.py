@@ -4,10 +4,12 @@
 attribute names (``track_running_stats``, ``momentum``, ``eps``) plus ``axis`` and, for
 ``BatchNorm`` (torch's ``SyncBatchNorm``), ``axis_name`` / ``axis_index_groups``. A call may
 override any of them for that call only; because ``momentum=None`` is a meaningful value (torch's
-cumulative average), "not overridden" is spelled :data:`UNSET`. What differs between the two
-torch families (which pure function runs, when buffers are written, whether the mode matters) is
-one :class:`NormFamily` value; translation lives here once, and the adapters add only their
-framework's variable handling.
+cumulative average), "not overridden" is spelled :data:`UNSET`.
+
+The adapters decide nothing: what differs between the torch families (which pure function runs,
+the decision rule, constructor defaults) is one :class:`NormFamily` value, whose rules are
+:mod:`jaxbn.functional.torch_rules`'; translation lives here once, and the adapters add only
+their framework's variable handling.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Protocol
 
-from .core import BatchNormFlags, batch_norm
-from .core import updates_buffers as batch_norm_updates_buffers
-from .instance_norm import instance_norm
-from .instance_norm import updates_buffers as instance_norm_updates_buffers
+from .functional import batch_norm, instance_norm
+from .functional import torch_rules
+from .functional.torch_rules import Plan
+from .functional.types import BatchNormFlags
 
 
 class _Unset:
@@ -34,61 +36,57 @@ UNSET: Any = _Unset()
 
 @dataclasses.dataclass(frozen=True)
 class NormFamily:
-    """A torch module family as the adapters see it.
+    """A torch module family as the adapters see it: its rules and its pure function.
 
     Attributes:
-      name: torch's class-name stem, ``"BatchNorm"`` or ``"InstanceNorm"`` (used in messages).
+      rules: torch's decisions and constructor defaults (:class:`torch_rules.Family`).
       apply: the pure function, ``(x, state, params, flags, **extra) -> (y, new_state)``.
-      updates_buffers: ``(flags, has_buffers) -> bool``: whether this call writes the buffers.
-      when_updated: that rule in words, for the error about an immutable collection.
-      mode_matters: ``(track_running_stats) -> bool``: whether the call's outcome depends on
-        training vs eval (if not, a linen module need not be told its mode).
-      synchronizes: the modules have ``axis_name`` / ``axis_index_groups`` (torch's
-        ``SyncBatchNorm``).
     """
 
-    name: str
+    rules: torch_rules.Family
     apply: Callable[..., Any]
-    updates_buffers: Callable[[BatchNormFlags, bool], bool]
-    when_updated: str
-    mode_matters: Callable[[bool], bool]
-    synchronizes: bool
+
+    @property
+    def name(self) -> str:
+        return self.rules.name
+
+    def plan(self, flags: BatchNormFlags, has_buffers: bool) -> Plan:
+        """What this call does (torch's decision)."""
+        return self.rules.plan(flags, has_buffers)
+
+    def extra_arguments(self, mask: Any) -> dict[str, Any]:
+        """The pure function's keyword arguments beyond flags; refuses what the family lacks."""
+        if mask is None:
+            return {}
+        if not self.rules.accepts_mask:
+            raise TypeError(
+                f"{self.name} computes its statistics per instance and takes no row mask: "
+                "call it without mask="
+            )
+        return {"mask": mask}
+
+    def check_sync(self, axis_name: Any, axis_index_groups: Any) -> None:
+        """Refuse ``axis_name`` / ``axis_index_groups`` for a family that has nothing to sync."""
+        if not self.rules.synchronizes and (axis_name is not None or axis_index_groups is not None):
+            raise TypeError(
+                f"{self.name} has no axis_name / axis_index_groups: its statistics are per "
+                "instance (torch has no synchronized variant); leave them unset"
+            )
 
 
-BATCH_NORM = NormFamily(
-    name="BatchNorm",
-    apply=batch_norm,
-    updates_buffers=batch_norm_updates_buffers,
-    when_updated="it is training with track_running_stats=True",
-    # Always asked for, as flax.linen.BatchNorm asks for use_running_average.
-    mode_matters=lambda tracking: True,
-    synchronizes=True,
-)
-
-INSTANCE_NORM = NormFamily(
-    name="InstanceNorm",
-    apply=instance_norm,
-    updates_buffers=instance_norm_updates_buffers,
-    when_updated=(
-        "it uses input statistics (training, or track_running_stats=False, even in eval) "
-        "and has running statistics"
-    ),
-    # Without tracking, torch's instance norm uses input statistics in both modes.
-    mode_matters=lambda tracking: tracking,
-    synchronizes=False,
-)
+BATCH_NORM = NormFamily(torch_rules.BATCH_NORM, batch_norm)
+INSTANCE_NORM = NormFamily(torch_rules.INSTANCE_NORM, instance_norm)
 
 
 class ModuleAttributes(Protocol):
-    """The attributes every adapter carries, under torch's names.
-
-    ``BatchNorm`` adapters also carry ``axis_name`` and ``axis_index_groups``.
-    """
+    """The attributes every adapter carries, under torch's names."""
 
     track_running_stats: bool
     momentum: float | None
     eps: float
     axis: int
+    axis_name: Any
+    axis_index_groups: Any
 
 
 def pick(override: Any, attribute: Any) -> Any:
@@ -101,6 +99,7 @@ def call_flags(
     family: NormFamily,
     training: bool | None,
     mode_name: str,
+    has_buffers: bool,
     *,
     track_running_stats: Any = UNSET,
     momentum: Any = UNSET,
@@ -114,25 +113,24 @@ def call_flags(
 
     ``training=None`` means neither the call nor the module set the mode (``mode_name`` is its
     name in the adapter, ``"train"`` or ``"use_running_average"``): allowed only where the
-    family's result does not depend on it (``family.mode_matters``), else a ``ValueError``.
-    ``axis_name`` is kept only for a family that synchronizes and with ``synchronize=True``
-    (``False`` is Flax's rule for ``init``, which runs outside the mapped axis).
+    family's result does not depend on it (:meth:`torch_rules.Family.mode_matters`), else a
+    ``ValueError``. ``axis_name`` is kept only for a family that synchronizes and with
+    ``synchronize=True`` (``False`` is Flax's rule for ``init``, which runs outside the mapped
+    axis).
     """
-    tracking = pick(track_running_stats, module.track_running_stats)
-    if training is None:
-        if family.mode_matters(tracking):
-            raise ValueError(
-                f"{family.name} needs to know whether it is training: pass {mode_name}=True/False "
-                f"to the constructor or to the call (torch's module.train() / module.eval())"
-            )
-        training = True  # either mode gives the same result; torch modules start training
-    synchronize = synchronize and family.synchronizes
-    return BatchNormFlags(
-        training=bool(training),
-        track_running_stats=tracking,
+    synchronize = synchronize and family.rules.synchronizes
+    flags = BatchNormFlags(
+        training=True if training is None else bool(training),  # torch modules start training
+        track_running_stats=pick(track_running_stats, module.track_running_stats),
         momentum=pick(momentum, module.momentum),
         eps=pick(eps, module.eps),
         axis=module.axis,
         axis_name=module.axis_name if synchronize else None,
         axis_index_groups=module.axis_index_groups if synchronize else None,
     )
+    if training is None and family.rules.mode_matters(flags, has_buffers):
+        raise ValueError(
+            f"{family.name} needs to know whether it is training: pass {mode_name}=True/False "
+            f"to the constructor or to the call (torch's module.train() / module.eval())"
+        )
+    return flags

@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import validation
 from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
-from .core import BatchNormParams, BatchNormState, init_params, init_state
+from .functional import validation
+from .functional.types import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
 
@@ -36,36 +36,65 @@ class _TorchNorm(nn.Module):
     num_features: int | None = None
     eps: float = 1e-5
     momentum: float | None = 0.1
-    affine: bool = True
-    track_running_stats: bool = True
+    affine: bool = BATCH_NORM.rules.affine
+    track_running_stats: bool = BATCH_NORM.rules.track_running_stats
     train: bool | None = None
     axis: int = -1
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _normalize(
-        self, x: jax.Array, train: bool | None, overrides: dict[str, Any], **extra: Any
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool | None = None,
+        *,
+        track_running_stats: Any = UNSET,
+        momentum: Any = UNSET,
+        eps: Any = UNSET,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
-        """One call: resolve the flags, read the variables, run the pure function, write back."""
+        """Normalize ``x``; write ``batch_stats`` when torch would update its buffers.
+
+        Args:
+          x: input with features on ``self.axis`` (InstanceNorm: batched, rank >= 3).
+          train: training mode for this call (default: ``self.train``); must be set where the
+            result depends on it (always for BatchNorm, as ``flax.linen.BatchNorm``; for
+            InstanceNorm only when the call tracks running statistics).
+          track_running_stats, momentum, eps: this call's value of torch's attribute of the
+            same name (default: the module's). ``track_running_stats=False`` on a module built
+            with it True behaves exactly like flipping the torch attribute.
+          mask: BatchNorm only: optional bool ``(N,)``, rows left out of the batch statistics
+            (padding).
+
+        Raises:
+          ValueError: the call would update the running statistics but ``batch_stats`` is not
+            mutable (pass ``mutable=['batch_stats']`` to ``apply``); plus everything the pure
+            function (:func:`jaxbn.batch_norm` / :func:`jaxbn.instance_norm`) raises.
+        """
         family = self.family
-        training = self.train if train is None else train
+        extra = family.extra_arguments(mask)
         flags = call_flags(
-            self, family, training, "train", synchronize=not self.is_initializing(), **overrides
+            self, family, self.train if train is None else train, "train",
+            self.track_running_stats, synchronize=not self.is_initializing(),
+            track_running_stats=track_running_stats, momentum=momentum, eps=eps,
         )
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
-        feature_axis = validation.check_input(x, flags.axis)
-        num_features = x.shape[feature_axis] if self.num_features is None else self.num_features
+        num_features = self.num_features
+        if num_features is None:  # LazyBatchNorm: C from the input
+            num_features = x.shape[validation.check_input(x, flags.axis)]
 
         params = self._params(num_features)
         stats = self._stats(num_features)
         state = None if stats is None else BatchNormState(*(v.value for v in stats))
 
-        writes = family.updates_buffers(flags, state is not None) and not self.is_initializing()
+        plan = family.plan(flags, state is not None)
+        writes = plan.writes_buffers and not self.is_initializing()
         if writes and not self.is_mutable_collection(STATS):
             raise ValueError(
                 f"jaxbn.linen.{family.name} updates its running statistics in this call "
-                f"({family.when_updated}), but the '{STATS}' collection is immutable: call "
+                f"({family.rules.writes_when}), but the '{STATS}' collection is immutable: call "
                 f"model.apply(variables, x, train=..., mutable=['{STATS}']) and keep the "
                 f"returned '{STATS}'"
             )
@@ -133,36 +162,6 @@ class BatchNorm(_TorchNorm):
     axis_name: Any = None
     axis_index_groups: Any = None
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        train: bool | None = None,
-        *,
-        track_running_stats: Any = UNSET,
-        momentum: Any = UNSET,
-        eps: Any = UNSET,
-        mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Normalize ``x``; when training with running stats, write them to ``batch_stats``.
-
-        Args:
-          x: input with features on ``self.axis``.
-          train: training mode for this call (default: ``self.train``; one must be set).
-          track_running_stats, momentum, eps: this call's value of torch's attribute of the
-            same name (default: the module's). ``track_running_stats=False`` on a module built
-            with it True uses batch statistics and leaves ``batch_stats`` untouched in training,
-            and the running statistics in eval, exactly like flipping the torch attribute.
-          mask: optional bool ``(N,)``: rows left out of the batch statistics (padding).
-
-        Raises:
-          ValueError: training would update the running statistics but ``batch_stats`` is not
-            mutable (pass ``mutable=['batch_stats']`` to ``apply``); plus everything
-            :func:`jaxbn.batch_norm` raises.
-        """
-        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
-        return self._normalize(x, train, overrides, mask=mask)
-
 
 class InstanceNorm(_TorchNorm):
     """PyTorch's ``InstanceNorm{1,2,3}d`` (and ``LazyInstanceNorm*``) for Flax linen.
@@ -175,43 +174,15 @@ class InstanceNorm(_TorchNorm):
 
     Same attributes, variables and call-time overrides as :class:`BatchNorm` (no ``axis_name``:
     statistics are per instance, no ``mask``), with torch's InstanceNorm defaults
-    ``affine=False, track_running_stats=False`` and torch's InstanceNorm semantics
-    (:func:`jaxbn.instance_norm`): input statistics whenever ``train or not
-    track_running_stats``; existing running statistics are then updated *even in eval*, so such
-    calls need ``mutable=['batch_stats']``; ``momentum=None`` leaves them unchanged; the counter
-    never moves. The input must be batched, ``(N, *spatial, C)`` with the default ``axis=-1``.
-
-    ``train`` is needed only when the call tracks running statistics: without tracking torch's
-    instance norm does the same in both modes, so ``InstanceNorm()(x)`` just works.
+    ``affine=False, track_running_stats=False`` and its rules
+    (:mod:`jaxbn.functional.torch_rules`). One consequence for linen: instance norm writes
+    existing running statistics *even in eval* whenever it uses input statistics, so such calls
+    need ``mutable=['batch_stats']``. ``train`` is needed only when the call tracks running
+    statistics, so ``InstanceNorm()(x)`` just works. The input must be batched,
+    ``(N, *spatial, C)`` with the default ``axis=-1``.
     """
 
     family: ClassVar[NormFamily] = INSTANCE_NORM
 
-    affine: bool = False
-    track_running_stats: bool = False
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        train: bool | None = None,
-        *,
-        track_running_stats: Any = UNSET,
-        momentum: Any = UNSET,
-        eps: Any = UNSET,
-    ) -> jax.Array:
-        """Normalize each instance of ``x``; update ``batch_stats`` when torch would.
-
-        Args:
-          x: batched input with features on ``self.axis`` (rank >= 3).
-          train: training mode for this call (default: ``self.train``); required only when
-            this call's ``track_running_stats`` is True.
-          track_running_stats, momentum, eps: this call's value of torch's attribute of the
-            same name (default: the module's).
-
-        Raises:
-          ValueError: the call updates the running statistics but ``batch_stats`` is not
-            mutable; plus everything :func:`jaxbn.instance_norm` raises.
-        """
-        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
-        return self._normalize(x, train, overrides)
+    affine: bool = INSTANCE_NORM.rules.affine
+    track_running_stats: bool = INSTANCE_NORM.rules.track_running_stats

@@ -20,29 +20,41 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
-from .core import BatchNormParams, BatchNormState, init_params, init_state
+from .functional.types import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
 
 
 class _TorchNorm(nnx.Module):
-    """Variables, attributes and the call shared by the torch families (see :class:`BatchNorm`)."""
+    """Variables, attributes and the call shared by the torch families (see :class:`BatchNorm`).
+
+    ``affine`` and ``track_running_stats`` default to ``None``: torch's default for the family.
+    """
 
     family: ClassVar[NormFamily]
 
     def __init__(
         self,
         num_features: int,
-        eps: float,
-        momentum: float | None,
-        affine: bool,
-        track_running_stats: bool,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool | None = None,
+        track_running_stats: bool | None = None,
         *,
-        axis: int,
-        use_running_average: bool | None,
-        dtype: Any,
-        param_dtype: Any,
+        axis: int = -1,
+        use_running_average: bool | None = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        rngs: nnx.Rngs | None = None,
     ):
+        del rngs  # torch's initial values are constants
+        rules = self.family.rules
+        self.family.check_sync(axis_name, axis_index_groups)
+        affine = rules.affine if affine is None else affine
+        if track_running_stats is None:
+            track_running_stats = rules.track_running_stats
         params = init_params(num_features, param_dtype) if affine else None
         state = init_state(num_features, param_dtype) if track_running_stats else None
         for name, value in zip(BatchNormParams._fields, params or (None, None)):
@@ -58,27 +70,47 @@ class _TorchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
 
-    def _normalize(
+    def __call__(
         self,
         x: jax.Array,
-        use_running_average: bool | None,
-        overrides: dict[str, Any],
-        **extra: Any,
+        use_running_average: bool | None = None,
+        *,
+        track_running_stats: Any = UNSET,
+        momentum: Any = UNSET,
+        eps: Any = UNSET,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
-        """One call: resolve the flags, read the variables, run the pure function, write back."""
+        """Normalize ``x``; update the running statistics in place when torch would.
+
+        Args:
+          x: input with features on ``self.axis`` (InstanceNorm: batched, rank >= 3).
+          use_running_average: this call's mode (default: the attribute), as in
+            ``flax.nnx.BatchNorm``.
+          track_running_stats, momentum, eps: this call's value of the attribute of the same
+            name (default: the attribute); setting the attribute is the torch way.
+          mask: BatchNorm only: optional bool ``(N,)``, rows left out of the batch statistics
+            (padding).
+        """
         family = self.family
+        extra = family.extra_arguments(mask)
         if use_running_average is None:
             use_running_average = self.use_running_average
         training = None if use_running_average is None else not use_running_average
-        flags = call_flags(self, family, training, "use_running_average", **overrides)
+        stats = tuple(getattr(self, name) for name in BatchNormState._fields)
+        has_buffers = stats[0] is not None
+        flags = call_flags(
+            self, family, training, "use_running_average", has_buffers,
+            track_running_stats=track_running_stats, momentum=momentum, eps=eps,
+        )
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
         params = None if self.weight is None else BatchNormParams(self.weight[...], self.bias[...])
-        stats = tuple(getattr(self, name) for name in BatchNormState._fields)
-        state = None if stats[0] is None else BatchNormState(*(v[...] for v in stats))
+        state = BatchNormState(*(v[...] for v in stats)) if has_buffers else None
         y, new_state = family.apply(x, state, params, flags, **extra)
-        if family.updates_buffers(flags, state is not None):
+        if family.plan(flags, has_buffers).writes_buffers:
             for variable, value in zip(stats, new_state):
                 variable[...] = value
         return y
@@ -104,9 +136,10 @@ class BatchNorm(_TorchNorm):
       eps: added to the variance inside the square root.
       momentum: torch's convention (weight of the *new* batch; Flax's is ``1 -`` this), or
         ``None`` for a cumulative average over ``num_batches_tracked`` batches.
-      affine: create ``weight`` and ``bias``.
-      track_running_stats: create the running statistics. Setting the attribute later changes
-        behaviour exactly as in torch but never creates or removes them.
+      affine: create ``weight`` and ``bias`` (default True, as in torch).
+      track_running_stats: create the running statistics (default True, as in torch). Setting
+        the attribute later changes behaviour exactly as in torch but never creates or removes
+        them.
       axis: the feature axis; ``-1`` (NHWC, Flax's layout) by default, ``1`` for NCHW.
       use_running_average: NNX's mode attribute, ``not module.training`` in torch terms; set by
         ``model.train()`` / ``model.eval()``. Default ``False`` (torch modules start training).
@@ -121,53 +154,6 @@ class BatchNorm(_TorchNorm):
 
     family: ClassVar[NormFamily] = BATCH_NORM
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        *,
-        axis: int = -1,
-        use_running_average: bool | None = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
-        rngs: nnx.Rngs | None = None,
-    ):
-        del rngs
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis,
-            use_running_average=use_running_average, dtype=dtype, param_dtype=param_dtype,
-        )
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-
-    def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        track_running_stats: Any = UNSET,
-        momentum: Any = UNSET,
-        eps: Any = UNSET,
-        mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Normalize ``x``; when training with running stats, update them in place.
-
-        Args:
-          x: input with features on ``self.axis``.
-          use_running_average: this call's mode (default: the attribute), as in
-            ``flax.nnx.BatchNorm``.
-          track_running_stats, momentum, eps: this call's value of the attribute of the same
-            name (default: the attribute); setting the attribute is the torch way.
-          mask: optional bool ``(N,)``: rows left out of the batch statistics (padding).
-        """
-        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
-        return self._normalize(x, use_running_average, overrides, mask=mask)
-
 
 class InstanceNorm(_TorchNorm):
     """PyTorch's ``InstanceNorm{1,2,3}d`` for Flax NNX.
@@ -178,52 +164,11 @@ class InstanceNorm(_TorchNorm):
         m.track_running_stats = False  # any attribute, any time: same here
         y = m(x)                       # x in (N, C, H, W); here features are on ``axis`` (NHWC)
 
-    Same arguments, variables and attribute flips as :class:`BatchNorm` (no ``axis_name``:
-    statistics are per instance; no ``mask``), with torch's InstanceNorm defaults
-    ``affine=False, track_running_stats=False`` and its semantics (:func:`jaxbn.instance_norm`):
-    input statistics whenever training or ``not track_running_stats``, and existing running
-    statistics are then updated in place *even in eval*; ``momentum=None`` leaves them
-    unchanged; the counter never moves. The input must be batched (rank >= 3).
+    Same arguments, variables and attribute flips as :class:`BatchNorm`, with torch's
+    InstanceNorm defaults ``affine=False, track_running_stats=False`` and its rules
+    (:mod:`jaxbn.functional.torch_rules`): no ``axis_name`` and no ``mask`` (statistics are per
+    instance; passing either raises ``TypeError``); running statistics are updated in place even
+    in eval whenever input statistics are used. The input must be batched (rank >= 3).
     """
 
     family: ClassVar[NormFamily] = INSTANCE_NORM
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        *,
-        axis: int = -1,
-        use_running_average: bool | None = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ):
-        del rngs
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, axis=axis,
-            use_running_average=use_running_average, dtype=dtype, param_dtype=param_dtype,
-        )
-
-    def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        track_running_stats: Any = UNSET,
-        momentum: Any = UNSET,
-        eps: Any = UNSET,
-    ) -> jax.Array:
-        """Normalize each instance of ``x``; update the running stats in place when torch would.
-
-        Args:
-          x: batched input with features on ``self.axis`` (rank >= 3).
-          use_running_average: this call's mode (default: the attribute).
-          track_running_stats, momentum, eps: this call's value of the attribute of the same
-            name (default: the attribute); setting the attribute is the torch way.
-        """
-        overrides = dict(track_running_stats=track_running_stats, momentum=momentum, eps=eps)
-        return self._normalize(x, use_running_average, overrides)

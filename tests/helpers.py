@@ -1,6 +1,6 @@
 """Shared test helpers: random inputs/state/params, a jaxbn layer stepped beside a torch module.
 
-Torch is the oracle everywhere (via :mod:`jaxbn.torch_oracle`); nothing here computes an expected
+Torch is the oracle everywhere (via :mod:`jaxbn.testing.oracle`); nothing here computes an expected
 value itself. Arrays move between the frameworks as copies.
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 import jaxbn
-from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
+from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.testing import oracle as torch_oracle
 
 # The oracle runs on tiny tensors: torch's intra-op thread pool only adds latency there, and on
 # a shared 2-core machine its spinning threads made single calls take 5-20 ms instead of 20 us.

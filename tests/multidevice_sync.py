@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn import torch_oracle
+from jaxbn.testing import oracle as torch_oracle
 
 if jax.device_count() != 8:
     raise RuntimeError(

@@ -1,4 +1,4 @@
-"""The Flax adapters against real torch modules (``jaxbn.torch_oracle``).
+"""The Flax adapters against real torch modules (``jaxbn.testing.oracle``).
 
 Every row of DESIGN.md section 3 is reached through each adapter the way its users would reach
 it: on linen through call-time overrides (linen modules are immutable), on NNX by assigning the
@@ -21,7 +21,8 @@ from flax import nnx
 
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
+from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.testing import oracle as torch_oracle
 
 C = 5
 TOL = 1e-10

@@ -25,7 +25,8 @@ from helpers import (
     random_state,
     seed_of,
 )
-from jaxbn import BatchNormFlags, torch_oracle
+from jaxbn import BatchNormFlags
+from jaxbn.testing import oracle as torch_oracle
 
 NUM_FEATURES = 3
 STEP_BATCHES = (3, 2, 4)  # the batch size changes between steps, so n/(n-1) changes too

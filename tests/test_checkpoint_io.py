@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import jaxbn
 from jaxbn import checkpoint_io as cio
 from jaxbn.checkpoint_io import CheckpointError
 
@@ -174,6 +175,7 @@ def test_non_torch_formats_read_without_torch(tmp_path):
     torch.save({"a.weight": torch.ones(2)}, tmp_path / "m.pt")
     script = f"""
 import sys; sys.modules['torch'] = None
+import jaxbn
 from jaxbn import checkpoint_io as cio
 for ext in ('.safetensors', '.npz', '.msgpack'):
     assert cio.read_checkpoint({str(tmp_path)!r} + '/m' + ext)['a.weight'].sum() == 15.0
@@ -182,7 +184,7 @@ try:
 except cio.CheckpointError as e:
     print('refused:', e)
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(cio.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(jaxbn.__file__).parents[1]))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "needs torch" in out.stdout

@@ -6,7 +6,8 @@ import sys
 import jax.numpy as jnp
 
 from jaxbn import __main__ as cli
-from jaxbn import behaviour, core
+from jaxbn import functional as core
+from jaxbn.testing import behaviour
 
 
 def test_main_job_prints_sixteen_agreeing_rows():

@@ -19,7 +19,8 @@ from helpers import (
     seed_of,
     torch_dtype,
 )
-from jaxbn import BatchNormFlags, torch_oracle
+from jaxbn import BatchNormFlags
+from jaxbn.testing import oracle as torch_oracle
 
 C = 4
 

@@ -1,4 +1,4 @@
-"""The differentiable fast path (jaxbn.core.normalize): memory, accuracy and every derivative.
+"""The differentiable fast path (jaxbn.functional.kernel.normalize): memory, accuracy and every derivative.
 
 torch is the oracle for plain batch norm (forward, reverse, forward-mode and second derivatives,
 float64 <= 1e-10). Where torch has no counterpart -- row masks and cross-device statistics -- the

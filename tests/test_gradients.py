@@ -23,7 +23,8 @@ from helpers import (
     seed_of,
     torch_grads,
 )
-from jaxbn import BatchNormFlags, torch_oracle
+from jaxbn import BatchNormFlags
+from jaxbn.testing import oracle as torch_oracle
 
 NUM_FEATURES = 4
 LAYOUTS = [(2, 1), (2, 0), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, 2)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import torch_oracle
+from jaxbn.testing import oracle as torch_oracle
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 SHAPES = {3: (4, 3, 7), 4: (3, 2, 4, 5), 5: (2, 3, 3, 2, 4)}

@@ -22,7 +22,8 @@ from flax import nnx
 import jaxbn.linen
 import jaxbn.nnx
 import jaxbn.porting
-from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
+from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.testing import oracle as torch_oracle
 
 C = 3
 TOL = 1e-10

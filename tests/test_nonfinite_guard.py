@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import torch_oracle
+from jaxbn.testing import oracle as torch_oracle
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 C = 3

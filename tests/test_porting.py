@@ -14,7 +14,7 @@ import jaxbn.linen as jl
 import jaxbn.nnx as jnnx
 from jaxbn import porting
 from jaxbn.porting import PortingError
-from jaxbn.torch_oracle import to_numpy
+from jaxbn.testing.oracle import to_numpy
 
 F64 = jnp.float64
 

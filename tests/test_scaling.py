@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import torch_oracle
+from jaxbn.testing import oracle as torch_oracle
 
 TESTS = Path(__file__).resolve().parent
 JAXBN_ROOT = str(Path(jaxbn.__file__).resolve().parent.parent)

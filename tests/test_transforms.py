@@ -23,7 +23,8 @@ from helpers import (
     seed_of,
     torch_grads,
 )
-from jaxbn import BatchNormFlags, torch_oracle
+from jaxbn import BatchNormFlags
+from jaxbn.testing import oracle as torch_oracle
 
 C = 3
 

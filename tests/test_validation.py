@@ -22,7 +22,8 @@ from helpers import (
     random_state,
     torch_dtype,
 )
-from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, torch_oracle
+from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.testing import oracle as torch_oracle
 
 C = 5
 RNG = np.random.default_rng(0)

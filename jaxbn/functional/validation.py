@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .stats import count_per_channel
+from .reductions import count_per_channel
 
 
 def canonical_axis(axis: int, ndim: int, shape: tuple[int, ...]) -> int:
@@ -168,4 +168,14 @@ def check_spatial_size(shape: tuple[int, ...], axis: int) -> None:
     if count_per_channel(shape[1:], axis - 1) == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {shape}"
+        )
+
+
+def check_running_stats_exist(uses_input_stats: bool, state: Any) -> None:
+    """Normalizing with running statistics needs them (torch's instance norm in eval with
+    ``track_running_stats=True`` on a layer built without buffers)."""
+    if not uses_input_stats and state is None:
+        raise ValueError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false: "
+            "eval with track_running_stats=True needs state (the layer has no buffers)"
         )

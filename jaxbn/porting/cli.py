@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import checkpoint_io, porting
+from . import formats as checkpoint_io
+from . import mapping as porting
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint_io, porting
+from .. import porting
+from ..porting import formats as checkpoint_io
 
 __all__ = ["EquivalenceReport", "StepComparison", "assert_equivalent", "check_equivalence"]
 

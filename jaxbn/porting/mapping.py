@@ -42,8 +42,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import checkpoint_io
-from .core import counter_dtype
+from . import formats as checkpoint_io
+from ..functional.types import counter_dtype
 
 __all__ = [
     "PortReport",

@@ -35,12 +35,22 @@ partitioner only ever all-reduces per-channel vectors.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class Site(enum.IntEnum):
+    """The reduction sites: each reads the input through its own view (module docstring), with
+    this many leading unit axes."""
+
+    MEAN = 0  # the forward sum of x - shift
+    M2 = 1  # the forward sum of squared deviations
+    TANGENT = 2  # the tangent's x_hat * (...) term, whose transpose is the backward's reduction
 
 
 class Moments(NamedTuple):
@@ -290,12 +300,12 @@ def moments(x: jax.Array, sums: ChannelSums) -> Moments:
     count = sums.count(dtype)
     shift = sums.shift(x, dtype)
     inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
-    # Site 0: sum of x - shift (small numbers whatever the offset of the data).
-    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=0) * inv_count
+    # Site MEAN: sum of x - shift (small numbers whatever the offset of the data).
+    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
     mean = shift + offset
     mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
-    # Site 1: squared deviations from the rounded mean; the exact-mean correction is second order.
-    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=1)
+    # Site M2: squared deviations from the rounded mean; the exact-mean correction is second order.
+    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
     m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
     return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import BatchNormFlags, BatchNormParams, BatchNormState
+from ..functional.types import BatchNormFlags, BatchNormParams, BatchNormState
 
 try:
     import torch

@@ -1,56 +1,25 @@
-"""PyTorch's InstanceNorm{1,2,3}d as a pure function on top of :func:`jaxbn.batch_norm`.
+"""PyTorch's InstanceNorm{1,2,3}d as a pure function on top of batch norm's machinery.
 
 No normalization math of its own: like torch's ``at::instance_norm``, the input ``(N, C, *S)`` is
 folded into a batch of one with ``N*C`` channels, ``(1, N*C, *S)``, the buffers and affine
-parameters are repeated ``N`` times, batch norm runs on that, and the updated buffers are averaged
-back over the ``N`` instances. That reproduces torch's InstanceNorm semantics (shared
-``_NormBase``, different ``forward``):
-
-* input statistics are used when ``training or not track_running_stats`` (torch's
-  ``use_input_stats``) -- so, unlike batch norm, an *eval* call with ``track_running_stats=False``
-  normalizes with the instance statistics even when buffers exist;
-* whenever input statistics are used and buffers exist, the buffers are updated -- even in eval,
-  and even when ``track_running_stats`` was flipped to False after construction;
-* the update is ``running = (1-m)*running + m*mean_over_N(instance stat)`` with the instance
-  variance *unbiased* over the spatial size; ``momentum=None`` means ``m = 0`` (no cumulative
-  average), so the buffers keep their values -- unless the batch statistics are NaN
-  (``0 * NaN``), and an empty batch (``N == 0``) sets them to NaN (the mean of nothing);
-* ``num_batches_tracked`` exists (when buffers do) but never changes;
-* eval with ``track_running_stats=True`` normalizes with the running statistics.
+parameters are repeated ``N`` times, batch norm's :func:`~jaxbn.functional.batch.apply_plan`
+runs on that with instance norm's own decision
+(:func:`jaxbn.functional.torch_rules.instance_norm_plan`), and the updated buffers are averaged
+back over the ``N`` instances. What that gives beyond the rules: the instance variance folded
+into ``running_var`` is unbiased over the *spatial* size; an empty batch (``N == 0``) sets the
+buffers to NaN (the mean of no instances); NaN statistics reach the buffers even with
+``momentum=None`` (``0 * NaN``).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from . import validation
-from .core import BatchNormFlags, BatchNormParams, BatchNormState, batch_norm
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class InstanceNormFlags(BatchNormFlags):
-    """:class:`BatchNormFlags` with torch's InstanceNorm default ``track_running_stats=False``.
-
-    ``torch.nn.InstanceNorm*d(C)`` is built with ``affine=False, track_running_stats=False`` (so
-    pass ``params=None, state=None``), ``momentum=0.1``, ``eps=1e-5``. ``axis_name`` and
-    ``axis_index_groups`` do not apply (statistics are per instance).
-    """
-
-    track_running_stats: bool = False
-
-
-def use_input_stats(flags: BatchNormFlags) -> bool:
-    """torch's ``self.training or not self.track_running_stats`` for instance norm."""
-    return flags.training or not flags.track_running_stats
-
-
-def updates_buffers(flags: BatchNormFlags, has_buffers: bool) -> bool:
-    """torch's instance norm updates existing buffers whenever it uses input statistics (even in eval)."""
-    return use_input_stats(flags) and has_buffers
+from .batch import apply_plan
+from .torch_rules import INSTANCE_NORM
+from .types import BatchNormFlags, BatchNormParams, BatchNormState, InstanceNormFlags
 
 
 def repeat_per_instance(v: jax.Array, n: int) -> jax.Array:
@@ -108,14 +77,10 @@ def instance_norm(
     shape = tuple(x.shape)
     validation.check_instance_input(shape, feature_axis, flags.axis_name)
     validation.check_state_and_params(x, state, params, feature_axis)
-    input_stats = use_input_stats(flags)
-    if input_stats:
+    plan = INSTANCE_NORM.plan(flags, state is not None)
+    validation.check_running_stats_exist(plan.uses_input_stats, state)
+    if plan.uses_input_stats:
         validation.check_spatial_size(shape, feature_axis)
-    elif state is None:
-        raise ValueError(
-            "Expected running_mean and running_var to be defined when use_input_stats is false: "
-            "eval with track_running_stats=True needs state (the layer has no buffers)"
-        )
 
     n = shape[0]
     channels_first = jnp.moveaxis(x, feature_axis, 1)
@@ -129,29 +94,13 @@ def instance_norm(
     folded_params = None
     if params is not None:
         folded_params = BatchNormParams(*(repeat_per_instance(p, n) for p in params))
-    folded_flags = BatchNormFlags(
-        training=input_stats,
-        track_running_stats=True,
-        momentum=0.0 if flags.momentum is None else flags.momentum,
-        eps=flags.eps,
-        axis=1,
-        skip_nonfinite_updates=flags.skip_nonfinite_updates,
-    )
-    y, folded_new = batch_norm(folded, folded_state, folded_params, folded_flags)
+    y, folded_new = apply_plan(folded, folded_state, folded_params, flags, plan, feature_axis=1)
     y = jnp.moveaxis(y.reshape(channels_first.shape), 1, feature_axis)
-
-    if state is None or not input_stats:
+    if not plan.writes_buffers:
         return y, state
-    # batch_norm counts exactly the updates it applied (its guard may have skipped this one).
-    applied = folded_new.num_batches_tracked != folded_state.num_batches_tracked
-    new_state = state._replace(
-        **{
-            name: jnp.where(
-                applied,
-                average_over_instances(getattr(folded_new, name), getattr(state, name), n),
-                getattr(state, name),
-            )
-            for name in ("running_mean", "running_var")
-        }
+    # An update the guard skipped leaves folded_new equal to folded_state: the average of no
+    # change is the old value, bitwise.
+    return y, state._replace(
+        running_mean=average_over_instances(folded_new.running_mean, state.running_mean, n),
+        running_var=average_over_instances(folded_new.running_var, state.running_var, n),
     )
-    return y, new_state

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import BatchNormFlags, BatchNormParams, BatchNormState, batch_norm
+from ..functional import BatchNormFlags, BatchNormParams, BatchNormState, batch_norm
 
 MOMENTUM = 0.1
 EPS = 1e-5
@@ -119,7 +119,7 @@ def observe(ex: Example, flags: BatchNormFlags, buffers: bool) -> tuple[str, str
 
 def torch_difference(ex: Example, flags: BatchNormFlags, buffers: bool, y: np.ndarray, new: BatchNormState | None) -> float:
     """Largest |jaxbn - torch| over the output and every buffer, torch given the same history."""
-    from . import torch_oracle
+    from . import oracle as torch_oracle
 
     y_torch, state_torch = torch_oracle.batch_norm(ex.x, ex.state if buffers else None, ex.params, flags)
     diffs = [np.max(np.abs(y - y_torch))]
