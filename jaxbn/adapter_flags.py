@@ -4,7 +4,9 @@
 attribute names (``track_running_stats``, ``momentum``, ``eps``) plus ``axis`` and, for
 ``BatchNorm`` (torch's ``SyncBatchNorm``), ``axis_name`` / ``axis_index_groups``. A call may
 override any of them for that call only; because ``momentum=None`` is a meaningful value (torch's
-cumulative average), "not overridden" is spelled :data:`UNSET`.
+cumulative average), "not overridden" is spelled :data:`UNSET`. ``momentum`` and ``eps``
+overrides go to the pure function as they are, so an array there is a traced value (one compile
+for a whole schedule).
 
 The adapters decide nothing: what differs between the torch families (which pure function runs,
 the decision rule, constructor defaults) is one :class:`NormFamily` value, whose rules are
@@ -20,18 +22,7 @@ from typing import Any, Callable, Protocol
 from .functional import batch_norm, instance_norm
 from .functional import torch_rules
 from .functional.torch_rules import Plan
-from .functional.types import BatchNormFlags
-
-
-class _Unset:
-    """Marker for a call-time override that was not given (``None`` is a valid momentum)."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-"""Default of the call-time overrides: use the module's attribute."""
+from .functional.types import UNSET, BatchNormFlags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +93,11 @@ def call_flags(
     has_buffers: bool,
     *,
     track_running_stats: Any = UNSET,
-    momentum: Any = UNSET,
-    eps: Any = UNSET,
     synchronize: bool = True,
 ) -> BatchNormFlags:
-    """The flags for one call: the module's attributes, each replaced by its override if given.
+    """The flags for one call: the module's attributes, ``track_running_stats`` replaced by its
+    override if given (the ``momentum`` / ``eps`` overrides go to the pure function, which folds
+    a Python value into the flags and keeps an array traced).
 
     PyTorch equivalent: setting ``bn.track_running_stats``, ``bn.momentum``, ``bn.eps`` and
     ``bn.train(training)`` just before ``bn(x)``.
@@ -122,8 +113,8 @@ def call_flags(
     flags = BatchNormFlags(
         training=True if training is None else bool(training),  # torch modules start training
         track_running_stats=pick(track_running_stats, module.track_running_stats),
-        momentum=pick(momentum, module.momentum),
-        eps=pick(eps, module.eps),
+        momentum=module.momentum,
+        eps=module.eps,
         axis=module.axis,
         axis_name=module.axis_name if synchronize else None,
         axis_index_groups=module.axis_index_groups if synchronize else None,

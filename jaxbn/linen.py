@@ -63,7 +63,8 @@ class _TorchNorm(nn.Module):
             InstanceNorm only when the call tracks running statistics).
           track_running_stats, momentum, eps: this call's value of torch's attribute of the
             same name (default: the module's). ``track_running_stats=False`` on a module built
-            with it True behaves exactly like flipping the torch attribute.
+            with it True behaves exactly like flipping the torch attribute. A ``momentum`` or
+            ``eps`` given as a JAX scalar is traced: a schedule compiles once.
           mask: BatchNorm only: optional bool ``(N,)``, rows left out of the batch statistics
             (padding).
 
@@ -77,7 +78,7 @@ class _TorchNorm(nn.Module):
         flags = call_flags(
             self, family, self.train if train is None else train, "train",
             self.track_running_stats, synchronize=not self.is_initializing(),
-            track_running_stats=track_running_stats, momentum=momentum, eps=eps,
+            track_running_stats=track_running_stats,
         )
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
@@ -98,7 +99,7 @@ class _TorchNorm(nn.Module):
                 f"model.apply(variables, x, train=..., mutable=['{STATS}']) and keep the "
                 f"returned '{STATS}'"
             )
-        y, new_state = family.apply(x, state, params, flags, **extra)
+        y, new_state = family.apply(x, state, params, flags, momentum=momentum, eps=eps, **extra)
         if writes:
             for variable, value in zip(stats, new_state):
                 variable.value = value

@@ -90,7 +90,8 @@ class _TorchNorm(nnx.Module):
           use_running_average: this call's mode (default: the attribute), as in
             ``flax.nnx.BatchNorm``.
           track_running_stats, momentum, eps: this call's value of the attribute of the same
-            name (default: the attribute); setting the attribute is the torch way.
+            name (default: the attribute); setting the attribute is the torch way. A
+            ``momentum`` or ``eps`` given as a JAX scalar is traced: a schedule compiles once.
           mask: BatchNorm only: optional bool ``(N,)``, rows left out of the batch statistics
             (padding).
         """
@@ -103,13 +104,13 @@ class _TorchNorm(nnx.Module):
         has_buffers = stats[0] is not None
         flags = call_flags(
             self, family, training, "use_running_average", has_buffers,
-            track_running_stats=track_running_stats, momentum=momentum, eps=eps,
+            track_running_stats=track_running_stats,
         )
         if self.dtype is not None:
             x = jnp.asarray(x, self.dtype)
         params = None if self.weight is None else BatchNormParams(self.weight[...], self.bias[...])
         state = BatchNormState(*(v[...] for v in stats)) if has_buffers else None
-        y, new_state = family.apply(x, state, params, flags, **extra)
+        y, new_state = family.apply(x, state, params, flags, momentum=momentum, eps=eps, **extra)
         if family.plan(flags, has_buffers).writes_buffers:
             for variable, value in zip(stats, new_state):
                 variable[...] = value

@@ -8,6 +8,9 @@ is :mod:`jaxbn.functional.torch_rules`; :func:`apply_plan` carries a decision ou
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -15,8 +18,48 @@ from jax import lax
 from . import validation
 from .kernel import Normalization, normalize
 from .reductions import ChannelSums, Layout, Moments, stats_dtype
-from .torch_rules import BATCH_NORM, Plan, update_factor
-from .types import BatchNormFlags, BatchNormParams, BatchNormState
+from .torch_rules import BATCH_NORM, Family, Plan, update_factor
+from .types import UNSET, BatchNormFlags, BatchNormParams, BatchNormState
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call, validated: its arrays (as JAX arrays), static flags, plan, feature axis and eps
+    value (a float, or a traced scalar)."""
+
+    x: jax.Array
+    state: BatchNormState | None
+    params: BatchNormParams | None
+    flags: BatchNormFlags
+    plan: Plan
+    feature_axis: int
+    eps: Any
+
+
+def prepare_call(
+    family: Family,
+    x: jax.Array,
+    state: BatchNormState | None,
+    params: BatchNormParams | None,
+    flags: BatchNormFlags,
+    momentum: Any,
+    eps: Any,
+) -> Call:
+    """Validate the arguments and decide the call: the checks every family shares, the static
+    overrides folded into ``flags``, torch's plan with a traced ``momentum`` in it if given.
+
+    NumPy arguments become JAX arrays first, so eager calls see the dtypes a jitted call sees
+    (float64 becomes float32 when ``jax_enable_x64`` is off, in both).
+    """
+    validation.check_argument_types(x, state, params, flags)
+    x, state, params = jax.tree.map(jnp.asarray, (x, state, params))
+    flags, momentum, eps = validation.split_overrides(flags, momentum, eps)
+    feature_axis = validation.check_input(x, flags.axis)
+    validation.check_state_and_params(x, state, params, feature_axis)
+    plan = family.plan(flags, state is not None)
+    if momentum is not UNSET:
+        plan = dataclasses.replace(plan, momentum=momentum)
+    return Call(x, state, params, flags, plan, feature_axis, flags.eps if eps is UNSET else eps)
 
 
 def update_state(
@@ -34,7 +77,9 @@ def update_state(
     non-empty batch whose mean or unbiased variance is non-finite in any channel leaves the whole
     state (counter included) unchanged.
     """
-    count = state.num_batches_tracked + 1 if plan.counts else state.num_batches_tracked
+    count = state.num_batches_tracked
+    if plan.counts:  # saturating: an int32 counter (x64 off) stops at 2**31 - 1 instead of wrapping
+        count = count + (count < jnp.iinfo(count.dtype).max).astype(count.dtype)
     if isinstance(moments.count, int) and moments.count == 0:
         # torch returns early for an empty input: buffers untouched, counter already incremented.
         return state._replace(num_batches_tracked=count)
@@ -69,6 +114,7 @@ def apply_plan(
     flags: BatchNormFlags,
     plan: Plan,
     feature_axis: int,
+    eps: Any,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """Normalize ``x`` (validated; features on ``feature_axis``) as ``plan`` says, and update the
@@ -85,8 +131,8 @@ def apply_plan(
         running_mean = lax.stop_gradient(state.running_mean)
         running_var = lax.stop_gradient(state.running_var)
 
-    config = Normalization(layout, flags.eps, plan.uses_input_stats)
-    y, input_moments = normalize(config, x, mask, weight, bias, running_mean, running_var)
+    config = Normalization(layout, plan.uses_input_stats)
+    y, input_moments = normalize(config, x, mask, weight, bias, running_mean, running_var, eps)
 
     if plan.writes_buffers:
         count = ChannelSums(layout, mask).count(dtype)
@@ -102,6 +148,8 @@ def batch_norm(
     flags: BatchNormFlags = BatchNormFlags(),
     *,
     mask: jax.Array | None = None,
+    momentum: Any = UNSET,
+    eps: Any = UNSET,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """PyTorch's ``BatchNorm{1,2,3}d.forward`` as a pure function.
 
@@ -123,6 +171,10 @@ def batch_norm(
       mask: optional bool array of shape ``(N,)`` over axis 0: rows where it is False (padding)
         are left out of the batch statistics but still normalized. Equivalent to torch on the
         valid rows only.
+      momentum, eps: this call's value of torch's attribute, overriding ``flags``. A Python
+        number (or ``None`` for momentum) is static like ``flags``; a JAX/NumPy scalar is a
+        *traced* value, so a schedule (``bn.momentum`` changed every step in torch) compiles
+        once. A traced ``eps`` is not range-checked (its value is unknown at trace time).
 
     Returns:
       ``(y, new_state)``: ``y`` has ``x``'s shape and dtype; ``new_state`` is ``state`` with
@@ -131,13 +183,20 @@ def batch_norm(
 
     Raises:
       ValueError: rank < 2, feature axis out of range, feature-count or shape mismatch of a state
-        or params field, or one value per channel when batch statistics are used.
-      TypeError: non-floating input, or state/params dtypes torch would reject as mixed.
+        or params field, one value per channel when batch statistics are used, or an ``eps``
+        torch refuses (``<= 0`` with batch statistics, ``< 0`` with running ones).
+      TypeError: arguments of the wrong type (e.g. a torch tensor, a dict for ``state``),
+        non-floating input, or state/params dtypes torch would reject as mixed.
     """
-    feature_axis = validation.check_input(x, flags.axis)
-    validation.check_state_and_params(x, state, params, feature_axis)
-    validation.check_mask(mask, tuple(x.shape), feature_axis)
-    plan = BATCH_NORM.plan(flags, state is not None)
-    if plan.uses_input_stats and mask is None and flags.axis_name is None:
-        validation.check_batch_size(tuple(x.shape), feature_axis)
-    return apply_plan(x, state, params, flags, plan, feature_axis, mask)
+    call = prepare_call(BATCH_NORM, x, state, params, flags, momentum, eps)
+    shape = tuple(call.x.shape)
+    if mask is not None:
+        validation.check_array("mask", mask)
+        mask = jnp.asarray(mask)
+    validation.check_mask(mask, shape, call.feature_axis)
+    validation.check_eps(call.eps, call.plan.uses_input_stats)
+    if call.plan.uses_input_stats and mask is None and call.flags.axis_name is None:
+        validation.check_batch_size(shape, call.feature_axis)
+    return apply_plan(
+        call.x, call.state, call.params, call.flags, call.plan, call.feature_axis, call.eps, mask
+    )

@@ -16,10 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from typing import Any
+
 from . import validation
-from .batch import apply_plan
+from .batch import apply_plan, prepare_call
 from .torch_rules import INSTANCE_NORM
-from .types import BatchNormFlags, BatchNormParams, BatchNormState, InstanceNormFlags
+from .types import UNSET, BatchNormFlags, BatchNormParams, BatchNormState, InstanceNormFlags
 
 
 def repeat_per_instance(v: jax.Array, n: int) -> jax.Array:
@@ -44,6 +46,9 @@ def instance_norm(
     state: BatchNormState | None,
     params: BatchNormParams | None,
     flags: BatchNormFlags = InstanceNormFlags(),
+    *,
+    momentum: Any = UNSET,
+    eps: Any = UNSET,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """PyTorch's ``InstanceNorm{1,2,3}d.forward`` (batched input) as a pure function.
 
@@ -62,6 +67,8 @@ def instance_norm(
         ``track_running_stats=True``) or ``None`` (torch's default).
       params: ``BatchNormParams`` (``affine=True``) or ``None`` (torch's default).
       flags: the module's current attributes; :class:`InstanceNormFlags` has torch's defaults.
+      momentum, eps: this call's value of torch's attribute, static or traced, as in
+        :func:`jaxbn.batch_norm`. (torch's instance norm does not range-check ``eps``.)
 
     Returns:
       ``(y, new_state)`` with torch's buffer semantics (module docstring);
@@ -73,11 +80,10 @@ def instance_norm(
         element when training"), or eval with ``track_running_stats=True`` and no buffers (torch:
         "Expected running_mean and running_var to be defined when use_input_stats is false").
     """
-    feature_axis = validation.check_input(x, flags.axis)
+    call = prepare_call(INSTANCE_NORM, x, state, params, flags, momentum, eps)
+    x, state, params, plan, feature_axis = call.x, call.state, call.params, call.plan, call.feature_axis
     shape = tuple(x.shape)
-    validation.check_instance_input(shape, feature_axis, flags.axis_name)
-    validation.check_state_and_params(x, state, params, feature_axis)
-    plan = INSTANCE_NORM.plan(flags, state is not None)
+    validation.check_instance_input(shape, feature_axis, call.flags.axis_name)
     validation.check_running_stats_exist(plan.uses_input_stats, state)
     if plan.uses_input_stats:
         validation.check_spatial_size(shape, feature_axis)
@@ -94,7 +100,7 @@ def instance_norm(
     folded_params = None
     if params is not None:
         folded_params = BatchNormParams(*(repeat_per_instance(p, n) for p in params))
-    y, folded_new = apply_plan(folded, folded_state, folded_params, flags, plan, feature_axis=1)
+    y, folded_new = apply_plan(folded, folded_state, folded_params, call.flags, plan, 1, call.eps)
     y = jnp.moveaxis(y.reshape(channels_first.shape), 1, feature_axis)
     if not plan.writes_buffers:
         return y, state

@@ -13,7 +13,7 @@ from functools import partial
 from typing import NamedTuple
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax import lax
 
 from .reductions import ChannelSums, Layout, Moments, Site, moments, stats_dtype
@@ -21,12 +21,11 @@ from .reductions import ChannelSums, Layout, Moments, Site, moments, stats_dtype
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """Static description of one normalization: the input layout, eps, and whether the
-    statistics come from the input (:attr:`jaxbn.functional.torch_rules.Plan.uses_input_stats`)
-    or are given (running statistics)."""
+    """Static description of one normalization: the input layout, and whether the statistics
+    come from the input (:attr:`jaxbn.functional.torch_rules.Plan.uses_input_stats`) or are given
+    (running statistics)."""
 
     layout: Layout
-    eps: float
     input_stats: bool
 
 
@@ -74,11 +73,12 @@ def statistics(
     mask: jax.Array | None,
     running_mean: jax.Array | None,
     running_var: jax.Array | None,
+    eps: jax.Array | float,
 ) -> tuple[Centering, Moments | None]:
     """``(centering, moments)``: from the input's moments, or from the given running statistics
     (``moments`` None)."""
     dtype = stats_dtype(x.dtype)
-    eps = np.asarray(config.eps, dtype)
+    eps = jnp.asarray(eps, dtype)
     if config.input_stats:
         m = moments(x, ChannelSums(config.layout, mask))
         return Centering(m.mean, m.mean_lo, lax.rsqrt(m.biased_var + eps)), m
@@ -95,18 +95,20 @@ def normalize(
     bias: jax.Array,
     running_mean: jax.Array | None,
     running_var: jax.Array | None,
+    eps: jax.Array | float,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Batch norm's differentiable part: ``(y, input_moments)``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` in ``x``'s dtype, with the input's
     moments (``config.input_stats``; then ``input_moments = (mean, m2)``) or the given running
-    statistics (``input_moments = ()``; they get no gradient, as in torch).
+    statistics (``input_moments = ()``; they get no gradient, as in torch). ``eps`` may be
+    traced; like the running statistics it gets no gradient.
 
     Differentiation goes through :func:`normalize_jvp`, whose tangent map keeps no full-size
     residual but ``x`` and transposes into torch's backward formula (forward mode, reverse mode,
     vmap and higher derivatives all work).
     """
-    return normalize_forward(config, (x, mask, weight, bias, running_mean, running_var))[0]
+    return normalize_forward(config, (x, mask, weight, bias, running_mean, running_var, eps))[0]
 
 
 def normalize_forward(
@@ -116,8 +118,8 @@ def normalize_forward(
 
     ``primals`` are :func:`normalize`'s array arguments, in order.
     """
-    x, mask, weight, bias, running_mean, running_var = primals
-    c, m = statistics(config, x, mask, running_mean, running_var)
+    x, mask, weight, bias, running_mean, running_var, eps = primals
+    c, m = statistics(config, x, mask, running_mean, running_var, eps)
     y = affine_normalize(config.layout, x, c.mean, c.mean_lo, c.invstd * weight, bias)
     return (y.astype(x.dtype), ((m.mean, m.m2) if m is not None else ())), c
 
@@ -195,7 +197,7 @@ def normalize_tangent(
 def normalize_jvp(config: Normalization, primals: tuple, tangents: tuple) -> tuple:
     """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`."""
     x, mask, weight, *_ = primals
-    x_dot, _, weight_dot, bias_dot, _, _ = tangents
+    x_dot, _, weight_dot, bias_dot, _, _, _ = tangents
     out, centering = normalize_forward(config, primals)
     out_dot = normalize_tangent(
         config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot)

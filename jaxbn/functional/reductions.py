@@ -264,7 +264,9 @@ class ChannelSums:
         spread over devices contribute their average instead: across ``axis_name`` each device's
         first valid row, and when the rows are explicitly sharded, every valid row (a slice of
         ``N x C`` elements, no device needs another's row). Any finite value is correct; one
-        close to the data keeps the sums small.
+        close to the data keeps the sums small. A non-finite one (an inf or NaN element read
+        first) is replaced by 0: subtracting it would turn a channel holding ``inf`` into NaN
+        (``inf - inf``) where torch's mean is ``inf``.
         """
         lay = self.layout
         sharded = lay.spec or (None,) * len(lay.shape)
@@ -286,8 +288,10 @@ class ChannelSums:
         count = sums.count(dtype)
         total = sums.sum(lambda t: t.astype(dtype), (corner,))
         if isinstance(count, int):
-            return total / count
-        return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.zeros((), dtype))
+            shift = total / count
+        else:
+            shift = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.zeros((), dtype))
+        return jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
 
 
 def moments(x: jax.Array, sums: ChannelSums) -> Moments:

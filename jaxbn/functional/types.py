@@ -5,13 +5,34 @@ affine parameters (params), under torch's names, and their initial values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class _Unset:
+    """Marker for an optional override that was not given (``None`` is a valid momentum)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Default of the call-time overrides (``momentum=``, ``eps=``, ...): use the flags' or module's value."""
+
+_NAN = float("nan")
+"""The one NaN object static flags hold, so equal flags compare equal (``nan != nan``, but tuples
+compare identical objects as equal) and ``jax.jit`` finds its cache entry."""
+
+
+def _static_float(value: float) -> float:
+    value = float(value)
+    return _NAN if math.isnan(value) else value
 
 
 @jax.tree_util.register_static
@@ -27,8 +48,10 @@ class BatchNormFlags:
       track_running_stats: the *current* value of ``module.track_running_stats``. Whether buffers
         exist (its value at construction) is whether ``state`` is None.
       momentum: torch's momentum, the weight of the *new* batch (Flax's momentum is ``1 -`` this),
-        or ``None`` for a cumulative average driven by ``num_batches_tracked``.
-      eps: added to the variance inside the square root.
+        or ``None`` for a cumulative average driven by ``num_batches_tracked``. Static: each value
+        compiles once; for a schedule pass a traced value to the call instead
+        (``batch_norm(..., momentum=jnp.asarray(m))``).
+      eps: added to the variance inside the square root (static, likewise ``eps=`` for traced).
       axis: the feature axis. ``1`` is PyTorch's layout (N, C, ...); ``-1`` is channels-last.
       axis_name: a named mapped axis (or tuple of names) of ``shard_map``/``pmap``/``vmap`` over
         which batch statistics are merged exactly, as ``torch.nn.SyncBatchNorm`` does. ``None``
@@ -66,10 +89,10 @@ class BatchNormFlags:
                     "BatchNormFlags.momentum must be a Python float or None, "
                     f"got {type(self.momentum).__name__}"
                 )
-            object.__setattr__(self, "momentum", float(self.momentum))
+            object.__setattr__(self, "momentum", _static_float(self.momentum))
         if not isinstance(self.eps, numbers.Real) or isinstance(self.eps, bool):
             raise TypeError(f"BatchNormFlags.eps must be a Python float, got {type(self.eps).__name__}")
-        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "eps", _static_float(self.eps))
         if not isinstance(self.axis, (int, np.integer)) or isinstance(self.axis, bool):
             raise TypeError(f"BatchNormFlags.axis must be an int, got {type(self.axis).__name__}")
         object.__setattr__(self, "axis", int(self.axis))

@@ -9,9 +9,92 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .reductions import count_per_channel
+from .types import UNSET, BatchNormFlags, BatchNormParams, BatchNormState
+
+ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
+"""What jaxbn takes as an array: JAX arrays (and tracers), NumPy arrays and scalars."""
+
+_ORDER = "the order is batch_norm(x, state, params, flags) / instance_norm(x, state, params, flags)"
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_array(name: str, value: Any) -> None:
+    """``value`` must be a JAX or NumPy array; a torch tensor gets the conversion spelled out."""
+    if isinstance(value, ARRAY_TYPES):
+        return
+    hint = ""
+    if type(value).__module__.startswith("torch"):
+        hint = (": convert a torch tensor with jnp.asarray(t.detach().cpu().numpy()), or a whole "
+                "state_dict with jaxbn.porting.torch_to_flax")
+    raise TypeError(f"{name} must be a JAX or NumPy array, got {_type_name(value)}{hint}")
+
+
+def check_fields(name: str, value: Any, cls: type, build: str) -> None:
+    """``value`` is None or a ``cls`` (a NamedTuple of arrays); say how to build one otherwise."""
+    if value is None:
+        return
+    if not isinstance(value, cls):
+        swapped = {BatchNormState: BatchNormParams, BatchNormParams: BatchNormState}[cls]
+        if isinstance(value, swapped):
+            raise TypeError(f"{name} is a jaxbn.{swapped.__name__}: arguments swapped? {_ORDER}")
+        raise TypeError(
+            f"{name} must be a jaxbn.{cls.__name__} or None, got {_type_name(value)}; build it "
+            f"with {build}, or jaxbn.{cls.__name__}(**fields) from a mapping with torch's names "
+            f"{cls._fields}"
+        )
+    for field, array in zip(cls._fields, value):
+        if array is not None:  # a None field is reported with its shape check
+            check_array(f"{name}.{field}", array)
+
+
+def check_argument_types(x: Any, state: Any, params: Any, flags: Any) -> None:
+    """The types of a pure function's arguments, before anything reads their shapes."""
+    check_array("x", x)
+    check_fields("state", state, BatchNormState,
+                 "jaxbn.init_state(num_features, dtype) (None: built with track_running_stats=False)")
+    check_fields("params", params, BatchNormParams,
+                 "jaxbn.init_params(num_features, dtype) (None: built with affine=False)")
+    if not isinstance(flags, BatchNormFlags):
+        raise TypeError(f"flags must be a jaxbn.BatchNormFlags, got {_type_name(flags)}; {_ORDER}")
+
+
+def split_overrides(flags: BatchNormFlags, momentum: Any, eps: Any) -> tuple[BatchNormFlags, Any, Any]:
+    """``(flags, traced momentum, traced eps)``: Python values (and ``momentum=None``) are folded
+    into the static flags; array values stay traced (:data:`UNSET` where not given or folded)."""
+    static, traced = {}, {"momentum": UNSET, "eps": UNSET}
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if value is UNSET:
+            continue
+        if isinstance(value, ARRAY_TYPES):
+            shape = tuple(np.shape(value))
+            if shape != ():
+                raise ValueError(f"{name} must be a scalar, got an array of shape {shape}")
+            if not jnp.issubdtype(value.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating-point scalar, got dtype {jnp.dtype(value.dtype).name}")
+            traced[name] = value
+        else:
+            static[name] = value
+    return (flags.replace(**static) if static else flags), traced["momentum"], traced["eps"]
+
+
+def check_eps(eps: Any, uses_input_stats: bool) -> None:
+    """torch's batch-norm check: eps must be positive with batch statistics, non-negative with
+    running ones (a traced eps is not checked). torch's instance norm has no such check."""
+    if isinstance(eps, ARRAY_TYPES):
+        return
+    if uses_input_stats and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def canonical_axis(axis: int, ndim: int, shape: tuple[int, ...]) -> int:
@@ -39,6 +122,14 @@ def check_input(x: Any, axis: int) -> int:
             f"floating-point dtype (input shape {shape})"
         )
     return canonical_axis(axis, x.ndim, shape)
+
+
+DTYPE_FIX = (
+    "To fix: create state and params in the input's dtype (jaxbn.init_state(C, dtype), "
+    "jaxbn.init_params(C, dtype); Flax adapters: param_dtype=...), or cast the input "
+    "(x.astype(...); Flax adapters: dtype=...). With jax_enable_x64 on, jnp arrays default to "
+    "float64 while the adapters' param_dtype defaults to float32."
+)
 
 
 def allowed_dtypes(x_dtype: Any) -> tuple[jnp.dtype, ...]:
@@ -78,7 +169,7 @@ def check_channel_vector(
         names = " or ".join(d.name for d in allowed)
         raise TypeError(
             f"mixed dtype: {owner}.{name} has dtype {dtype.name} but the input has dtype "
-            f"{jnp.dtype(x_dtype).name}; expected {names}"
+            f"{jnp.dtype(x_dtype).name}; expected {names}. {DTYPE_FIX}"
         )
 
 
@@ -108,7 +199,7 @@ def check_one_dtype(state: Any, params: Any) -> None:
         listing = ", ".join(f"{name} has dtype {dtype.name}" for name, dtype in dtypes.items())
         raise TypeError(
             "mixed dtype: state and params must share one dtype (the input's, or float32 for a "
-            f"bf16/fp16 input), but {listing}"
+            f"bf16/fp16 input), but {listing}. {DTYPE_FIX}"
         )
 
 
