@@ -1,6 +1,6 @@
 """The Flax adapters against real torch modules (``jaxbn.testing.oracle``).
 
-Every row of DESIGN.md section 3 is reached through each adapter the way its users would reach
+Every row of the behaviour table (docs/semantics.md) is reached through each adapter the way its users would reach
 it: on linen through call-time overrides (linen modules are immutable), on NNX by assigning the
 attributes after construction, exactly as torch users do. Plus the adapter-specific rules: torch
 variable names, ``mutable=['batch_stats']``, ``init`` leaves the statistics alone, lazy

@@ -1,6 +1,6 @@
 """jaxbn.batch_norm against torch.nn.BatchNorm1d/2d/3d in float64, step after step.
 
-Every combination of DESIGN.md §3's behaviour table (training x buffers at construction x current
+Every combination of the behaviour table in docs/semantics.md (training x buffers at construction x current
 track_running_stats x momentum) times affine, rank 2..5, feature axis and eps; then random
 sequences that mutate the torch module between calls the way users do. Outputs, running_mean,
 running_var and num_batches_tracked must agree to 1e-10 (counter exactly) after every step.

@@ -1,0 +1,32 @@
+"""The docs state facts the code computes: keep them from going stale, and keep them self-contained."""
+
+import re
+from pathlib import Path
+
+from jaxbn.testing import behaviour
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_semantics_table_is_the_live_table():
+    doc = (ROOT / "docs" / "semantics.md").read_text()
+    block = re.search(r"<!-- behaviour-table:start -->\n```\n(.*?)\n```\n<!-- behaviour-table:end -->", doc, re.S)
+    assert block, "docs/semantics.md lost its behaviour-table markers"
+    live = behaviour.format_table(behaviour.behaviour_table(with_torch=False))
+    assert block.group(1).strip() == live.strip()
+
+
+def test_docs_and_package_name_no_file_outside_the_repository():
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "jaxbn").rglob("*.py")]
+    offenders = [str(f.relative_to(ROOT)) for f in files
+                 if re.search(r"DESIGN\.md|\bshared/", f.read_text(encoding="utf-8"))]
+    assert not offenders
+
+
+def test_relative_links_in_the_docs_resolve():
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        prose = re.sub(r"```.*?```|`[^`\n]*`", "", doc.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
+            if "://" in target:
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
