@@ -17,31 +17,8 @@ The public API:
   access.
 """
 
-from .functional import (
-    BatchNormFlags,
-    BatchNormParams,
-    BatchNormState,
-    InstanceNormFlags,
-    Moments,
-    batch_moments,
-    batch_norm,
-    init_params,
-    init_state,
-    instance_norm,
-)
-
-__all__ = [
-    "BatchNormFlags",
-    "BatchNormParams",
-    "BatchNormState",
-    "InstanceNormFlags",
-    "Moments",
-    "batch_moments",
-    "batch_norm",
-    "init_params",
-    "init_state",
-    "instance_norm",
-]
+from .functional import *  # noqa: F403 -- the pure functions and their types are the top-level API
+from .functional import __all__
 
 __version__ = "0.1.0"
 
