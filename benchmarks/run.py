@@ -2,9 +2,14 @@
 
 Run from the repository root::
 
-    python benchmarks/run.py            # full run, writes benchmarks/results_cpu.md
-    python benchmarks/run.py --quick    # three shapes, fewer rounds (about a minute)
-    python benchmarks/run.py --gpu      # on a CUDA machine: writes benchmarks/results_gpu.md
+    python benchmarks/run.py                  # full run, prints the tables
+    python benchmarks/run.py --quick          # three shapes, fewer rounds (about a minute)
+    python benchmarks/run.py --write          # also writes benchmarks/results_cpu.md
+    python benchmarks/run.py --write out.md   # ... or the file given
+    python benchmarks/run.py --readme         # also replaces the table embedded in README.md
+    python benchmarks/run.py --gpu --write    # on a CUDA machine: benchmarks/results_gpu.md
+
+Nothing is written unless asked (``--write``, ``--readme``): the results files are tracked.
 
 What is timed (medians of rounds in which all contenders run interleaved in random order, in one
 process, on the same arrays; the rounds come in blocks that sweep over all shapes, so transient
@@ -589,12 +594,24 @@ def render(rows: list[dict], compiles: list[tuple[Case, dict]], device: str, rou
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def results_path(write: str | None, gpu: bool) -> Path | None:
+    """Where ``--write [PATH]`` puts the tables: nowhere unless asked (the results files are
+    tracked), ``benchmarks/results_{cpu,gpu}.md`` without a PATH."""
+    if write is None:
+        return None
+    return Path(write) if write else ROOT / "benchmarks" / f"results_{'gpu' if gpu else 'cpu'}.md"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three shapes, fewer rounds")
     parser.add_argument("--gpu", action="store_true", help="run jax and torch on the GPU")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds per contender")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file to write")
+    parser.add_argument(
+        "--write", "--out", nargs="?", const="", default=None, metavar="PATH",
+        help="also write the tables to PATH (no PATH: benchmarks/results_cpu.md, results_gpu.md "
+        "with --gpu); default: print only",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the torch contenders")
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default allocation policy"
@@ -602,7 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--readme", action="store_true", help="also replace the table embedded in README.md"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.gpu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave room for torch
     else:
@@ -659,9 +680,10 @@ def main(argv: list[str] | None = None) -> None:
     compiles = [(c, compile_row(c, device)) for c in (cases[:2] if args.quick else [FULL[0], FULL[1], FULL[5]])]
     table = render(rows, compiles, device, rounds)
     print(table)
-    out = args.out or (ROOT / "benchmarks" / f"results_{'gpu' if args.gpu else 'cpu'}.md")
-    out.write_text(table)
-    print(f"wrote {out}")
+    out = results_path(args.write, args.gpu)
+    if out is not None:
+        out.write_text(table)
+        print(f"wrote {out}")
     if args.readme:
         embed_in_readme(table, "gpu" if args.gpu else "cpu")
 

@@ -11,7 +11,8 @@ model against PyTorch step for step). The network, in PyTorch terms::
 
 Both adapters are driven through the same functional interface, a *forward function*
 ``forward(params, batch_stats, x) -> (logits, new_batch_stats)`` for one mode (train or eval),
-so one ``jax.jit``-compiled train step serves both.
+so one ``jax.jit``-compiled train step serves both. Needs optax and scikit-learn (the ``test``
+extra).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@
    in train mode, cross-entropy, plain SGD) in both frameworks, comparing logits and every
    parameter and running statistic after each step.
 
+Needs torch, optax and safetensors: ``pip install -e ".[testing,safetensors]" torch==2.13.0``
+(or the ``test`` extra).
+
 Padding: torch's ``padding=k//2`` pads symmetrically; Flax's ``'SAME'`` pads asymmetrically for
 strided convs (more at the end), so every conv here has explicit ``((p, p), (p, p))`` padding.
 The max-pool pads with -inf like torch's.
@@ -41,7 +44,7 @@ import torch  # noqa: E402
 
 import jaxbn.linen as jl  # noqa: E402
 from jaxbn import checkpoint_io, porting  # noqa: E402
-from jaxbn.testing import check_equivalence  # noqa: E402
+from jaxbn.testing import CHANNELS_LAST, SGD, check_equivalence  # noqa: E402
 
 WIDTHS = (8, 16, 32, 64)
 NUM_CLASSES = 10
@@ -151,10 +154,6 @@ class FlaxResNet18(nn.Module):
 
 # ----------------------------------------------------------------------------- the port
 
-def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-
-
 def train_torch(model: torch.nn.Module, steps: int, rng: np.random.Generator) -> None:
     """A few SGD steps so the BatchNorm buffers are far from their initial values."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -200,9 +199,8 @@ def port(dtype_name: str, outdir: str, train_steps: int = 3, check_steps: int = 
         "eval": FLOAT32_EVAL_ATOL, "train": FLOAT32_TRAIN_ATOL}
     equivalence = {
         mode: check_equivalence(
-            model, flax_model, ports[0], inputs, steps=check_steps, modes=(mode,),
-            to_flax_input=nchw_to_nhwc, loss="cross_entropy", targets=targets,
-            learning_rate=LR, atol=atol)
+            model, flax_model, ports[0], inputs, steps=check_steps, modes=(mode,), layout=CHANNELS_LAST,
+            sgd=SGD(loss="cross_entropy", targets=targets, learning_rate=LR), atol=atol)
         for mode, atol in tolerances.items()
     }
     return report, equivalence

@@ -2,26 +2,29 @@
 
 ::
 
-    from jaxbn.testing import assert_equivalent
+    from jaxbn.testing import CHANNELS_LAST, SGD, assert_equivalent
 
     assert_equivalent(torch_model, FlaxModel(), variables, batches, steps=5,
-                      to_flax_input=lambda x: x.transpose(0, 2, 3, 1),   # NCHW -> NHWC
-                      loss="cross_entropy", targets=labels, learning_rate=0.1, atol=1e-9)
+                      layout=CHANNELS_LAST,   # NCHW torch batches -> NHWC Flax inputs
+                      sgd=SGD(loss="cross_entropy", targets=labels, learning_rate=0.1), atol=1e-9)
 
 Both models run in eval mode and then in train mode for ``steps`` steps, feeding state forward
-(running statistics, and with ``learning_rate`` the parameters after one plain SGD step on
-``loss``). After every step the outputs *and* the whole state are compared. On a mismatch the
-report names the first diverging layer (torch forward hooks vs Flax ``capture_intermediates``,
-in torch's execution order) and the first diverging variable (in ``state_dict`` order), each
-with its max abs diff. Layer and variable names are matched with :mod:`jaxbn.porting`'s
-convention (``layer1.0.bn1`` <-> ``layer1_0/bn1``). Needs torch. The torch module passed in is
-copied, never modified.
+(running statistics, and with ``sgd`` the parameters after one plain SGD step on its loss).
+After every step the outputs *and* the whole state are compared. On a mismatch the report
+names the first diverging layer (torch forward hooks vs Flax ``capture_intermediates``, in
+torch's execution order) and the first diverging variable (in ``state_dict`` order), each with
+its max abs diff. Layer and variable names are matched with :mod:`jaxbn.porting`'s convention
+(``layer1.0.bn1`` <-> ``layer1_0/bn1``). Layer outputs are compared in the Flax model's layout,
+which :class:`Layout` states (never guessed from shapes: a 16-channel map at 16x16 has the same
+shape either way). Needs torch (and optax for ``loss="cross_entropy"``: the ``testing`` extra).
+The torch module passed in is copied, never modified.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,9 +36,87 @@ import numpy as np
 from .. import porting
 from ..porting import formats as checkpoint_io
 
-__all__ = ["EquivalenceReport", "StepComparison", "assert_equivalent", "check_equivalence"]
+__all__ = ["CHANNELS_LAST", "SGD", "EquivalenceReport", "Layout", "StepComparison", "assert_equivalent",
+           "check_equivalence", "to_channels_first", "to_channels_last"]
 
 Loss = str | tuple[Callable, Callable]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def to_channels_last(x: Any) -> np.ndarray:
+    """torch's ``(N, C, *spatial)`` -> ``(N, *spatial, C)`` (``x.movedim(1, -1)``); rank < 3 unchanged."""
+    x = np.asarray(x)
+    return np.moveaxis(x, 1, -1) if x.ndim >= 3 else x
+
+
+def to_channels_first(x: Any) -> np.ndarray:
+    """``(N, *spatial, C)`` -> torch's ``(N, C, *spatial)`` (``x.movedim(-1, 1)``); rank < 3 unchanged."""
+    x = np.asarray(x)
+    return np.moveaxis(x, -1, 1) if x.ndim >= 3 else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How torch's tensors map onto the Flax model's.
+
+    Attributes:
+      to_flax_input: a torch-layout NumPy batch -> the Flax model's input.
+      from_flax_output: the Flax model's output -> torch's layout, to compare the final outputs.
+      channels_last: whether the Flax model's layer outputs put channels last. Every torch layer
+        output of rank >= 3 has its channels on axis 1 and is moved to the end before it is
+        compared with the Flax layer's output when this is true. ``None`` (default): what
+        ``to_flax_input`` implies -- it is applied to a batch shaped like the first input whose
+        entries are all distinct: unchanged means channels-first, channels moved from axis 1 to
+        the end means channels-last, anything else (a conversion that also rescales, say) is an
+        error asking for ``channels_last`` explicitly. Inputs of rank < 3 imply channels-first.
+        Only the layers need it; an apply function (no layers) never runs the probe.
+    """
+
+    to_flax_input: Callable[[np.ndarray], Any] = _identity
+    from_flax_output: Callable[[np.ndarray], np.ndarray] = _identity
+    channels_last: bool | None = None
+
+    def resolved_channels_last(self, example: np.ndarray) -> bool:
+        """``channels_last``, or what ``to_flax_input`` does to ``example``'s axes."""
+        if self.channels_last is not None:
+            return self.channels_last
+        shape = np.shape(example)
+        if len(shape) < 3:
+            return False
+        probe = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)  # distinct entries
+        converted = np.asarray(self.to_flax_input(probe))
+        for channels_last, expected in ((False, probe), (True, to_channels_last(probe))):
+            expected = expected.astype(converted.dtype)  # a conversion may also cast (float32)
+            if converted.shape == expected.shape and np.array_equal(converted, expected):
+                return channels_last
+        raise ValueError(
+            "Layout: cannot tell the Flax layer layout from to_flax_input (it neither keeps torch's "
+            "(N, C, ...) nor only moves the channels to the end); state it with "
+            "Layout(..., channels_last=True) or channels_last=False")
+
+
+# Images and other (N, C, *spatial) data in torch, channels-last in Flax (nn.Conv's layout).
+CHANNELS_LAST = Layout(to_flax_input=to_channels_last, from_flax_output=to_channels_first, channels_last=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD:
+    """One plain SGD step (``p -= learning_rate * grad``) per train step, in both frameworks.
+
+    Attributes:
+      loss: ``"cross_entropy"`` (``F.cross_entropy`` vs optax's integer-label softmax cross
+        entropy, needs optax), ``"mse"``, or a ``(torch_fn, jax_fn)`` pair, each
+        ``(output, target) -> scalar``.
+      targets: one target per step (cycled if fewer than ``steps``).
+      learning_rate: the step size.
+    """
+
+    loss: Loss
+    targets: Sequence[Any]
+    learning_rate: float
 
 
 @dataclasses.dataclass
@@ -119,22 +200,30 @@ def _tolerance(reference: np.ndarray, atol: float) -> float:
     return atol * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
 
 
-def _layout_diff(torch_out: np.ndarray, flax_out: np.ndarray) -> float | None:
-    """Diff of one layer's outputs, allowing channels-first vs channels-last; None if unrelated."""
-    if torch_out.shape == flax_out.shape:
-        return _max_diff(torch_out, flax_out)
-    if torch_out.ndim >= 3 and np.moveaxis(torch_out, 1, -1).shape == flax_out.shape:
-        return _max_diff(np.moveaxis(torch_out, 1, -1), flax_out)
-    return None
+def _layout_diff(torch_out: np.ndarray, flax_out: np.ndarray, channels_last: bool) -> float | None:
+    """Diff of one layer's outputs, torch's moved to the Flax layout; None if the shapes then
+    differ (a layer whose output is not comparable, e.g. one that flattens differently)."""
+    torch_out = to_channels_last(torch_out) if channels_last else torch_out
+    return _max_diff(torch_out, flax_out) if torch_out.shape == flax_out.shape else None
+
+
+def _optax() -> Any:
+    try:
+        import optax
+    except ImportError as e:
+        raise ImportError(
+            'loss="cross_entropy" needs optax: pip install "jaxbn[testing]" (or pass a '
+            "(torch_fn, jax_fn) loss pair)") from e
+    return optax
 
 
 def _losses(loss: Loss) -> tuple[Callable, Callable]:
     if not isinstance(loss, str):
         return loss
-    import optax
     import torch.nn.functional as F
 
     if loss == "cross_entropy":
+        optax = _optax()
         return (lambda y, t: F.cross_entropy(y, t),
                 lambda y, t: optax.softmax_cross_entropy_with_integer_labels(y, t).mean())
     if loss == "mse":
@@ -238,12 +327,12 @@ def _flax_layer_outputs(intermediates: Mapping) -> dict[str, tuple[str, np.ndarr
     return out
 
 
-def _first_layer(torch_outputs, flax_outputs, atol) -> Divergence | None:
+def _first_layer(torch_outputs, flax_outputs, atol, channels_last: bool) -> Divergence | None:
     for name, t_out in torch_outputs.items():  # execution order
         match = flax_outputs.get(porting.canonical_name(name))
         if match is None:
             continue
-        diff = _layout_diff(t_out, match[1])
+        diff = _layout_diff(t_out, match[1], channels_last)
         if diff is not None and diff > _tolerance(t_out, atol):
             return Divergence(name, match[0], diff, _tolerance(t_out, atol))
     return None
@@ -261,6 +350,31 @@ def _state_diffs(torch_module, variables, rules, atol) -> list[Divergence]:
             for e in report.matched]
 
 
+_TRAIN_KWARGS = types.MappingProxyType({"train": True})
+_EVAL_KWARGS = types.MappingProxyType({"train": False})
+_LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
+_SGD_FIELDS = tuple(f.name for f in dataclasses.fields(SGD))
+
+
+def _with_shorthands(layout: Layout, sgd: SGD | None, shorthands: Mapping[str, Any]) -> tuple[Layout, SGD | None]:
+    """``layout`` and ``sgd`` with their fields given directly as keywords folded in (the form
+    ``to_flax_input=..., loss=..., targets=..., learning_rate=...``); ``None`` counts as not given."""
+    unknown = [k for k in shorthands if k not in _LAYOUT_FIELDS + _SGD_FIELDS]
+    if unknown:
+        raise TypeError(f"check_equivalence() got an unexpected keyword argument {unknown[0]!r}")
+    given = {k: v for k, v in shorthands.items() if v is not None}
+    layout_kw = {k: v for k, v in given.items() if k in _LAYOUT_FIELDS}
+    sgd_kw = {k: v for k, v in given.items() if k in _SGD_FIELDS}
+    layout = dataclasses.replace(layout, **layout_kw)
+    if sgd is not None:
+        return layout, dataclasses.replace(sgd, **sgd_kw)
+    if sgd_kw and len(sgd_kw) < len(_SGD_FIELDS):
+        missing = ", ".join(k for k in _SGD_FIELDS if k not in sgd_kw)
+        raise TypeError(f"an SGD step needs loss, targets and learning_rate together (missing: {missing}); "
+                        "or pass sgd=SGD(loss=..., targets=..., learning_rate=...)")
+    return layout, SGD(**sgd_kw) if sgd_kw else None
+
+
 def check_equivalence(
     torch_module: Any,
     flax_module: Any,
@@ -269,15 +383,13 @@ def check_equivalence(
     *,
     steps: int = 3,
     modes: Sequence[str] = ("eval", "train"),
-    to_flax_input: Callable[[np.ndarray], Any] = lambda x: x,
-    from_flax_output: Callable[[np.ndarray], np.ndarray] = lambda y: y,
-    train_kwargs: Mapping[str, Any] = {"train": True},
-    eval_kwargs: Mapping[str, Any] = {"train": False},
-    loss: Loss | None = None,
-    targets: Sequence[Any] | None = None,
-    learning_rate: float | None = None,
+    layout: Layout = Layout(),
+    sgd: SGD | None = None,
+    train_kwargs: Mapping[str, Any] = _TRAIN_KWARGS,
+    eval_kwargs: Mapping[str, Any] = _EVAL_KWARGS,
     rules: porting.Rules = None,
     atol: float = 1e-9,
+    **shorthands: Any,
 ) -> EquivalenceReport:
     """Run a torch module and its Flax port side by side; compare after every step.
 
@@ -294,26 +406,34 @@ def check_equivalence(
       steps: steps per mode.
       modes: ``"eval"`` (running statistics; state must not change) and/or ``"train"``
         (batch statistics, running statistics updated and fed forward).
-      to_flax_input, from_flax_output: layout conversions (e.g. NCHW -> NHWC for images).
-      train_kwargs, eval_kwargs: keyword arguments selecting the Flax module's mode.
-      loss, targets, learning_rate: with all three, each train step also takes one plain SGD
-        step (``p -= lr * grad``) on ``loss`` (``"cross_entropy"``, ``"mse"`` or a
-        ``(torch_fn, jax_fn)`` pair) against ``targets[step]``, in both frameworks.
+      layout: the Flax model's layout (:class:`Layout`; default: torch's layout unchanged;
+        :data:`CHANNELS_LAST` for NCHW -> NHWC images).
+      sgd: with an :class:`SGD`, each train step also takes one plain SGD step
+        (``p -= lr * grad``) on its loss against ``targets[step]``, in both frameworks.
+      train_kwargs, eval_kwargs: keyword arguments selecting the Flax module's mode
+        (default ``train=True`` / ``train=False``).
       rules: name rules for :func:`jaxbn.porting.torch_to_flax` if names differ.
       atol: max abs diff allowed for the outputs; for each layer output and state variable
         it is scaled by ``max(1, max |torch value|)`` (activations and running variances can
         be large).
+      **shorthands: the fields of :class:`Layout` (``to_flax_input``, ``from_flax_output``,
+        ``channels_last``) and of :class:`SGD` (``loss``, ``targets``, ``learning_rate``, all
+        three) may be given directly as keywords; they replace those fields of ``layout`` /
+        ``sgd``.
     """
-    torch_loss, jax_loss = _losses(loss) if loss is not None else (None, None)
-    lr = learning_rate if loss is not None else None
+    layout, sgd = _with_shorthands(layout, sgd, shorthands)
+    torch_loss, jax_loss = _losses(sgd.loss) if sgd is not None else (None, None)
+    lr = sgd.learning_rate if sgd is not None else None
     if variables is None:
         if not isinstance(flax_module, nn.Module):
             raise TypeError("variables=None ports the torch weights into a linen module; with an "
                             "apply function pass the variables (see jaxbn.porting.torch_to_flax)")
-        example = to_flax_input(inputs[0])
+        example = layout.to_flax_input(inputs[0])
         target = porting.target_from_module(flax_module, example, **eval_kwargs)
         variables, _ = porting.torch_to_flax(torch_module.state_dict(), target, rules=rules)
     variables = porting.plain_tree(variables)
+    # only a linen module has layers to locate: an apply function never needs the layout probed
+    channels_last = isinstance(flax_module, nn.Module) and layout.resolved_channels_last(inputs[0])
     results = []
     for mode in modes:
         training = mode == "train"
@@ -322,16 +442,16 @@ def check_equivalence(
         flax_step = _flax_stepper(flax_module, training, dict(kwargs), jax_loss, lr)
         for step in range(steps):
             x = inputs[step % len(inputs)]
-            target = None if targets is None else targets[step % len(targets)]
+            target = None if sgd is None else sgd.targets[step % len(sgd.targets)]
             y_t = run.step(x, training, torch_loss, target, lr)
             y_f, state, intermediates = flax_step(
-                state, to_flax_input(x), None if target is None else jnp.asarray(target))
-            y_f = from_flax_output(np.asarray(y_f))
+                state, layout.to_flax_input(x), None if target is None else jnp.asarray(target))
+            y_f = layout.from_flax_output(np.asarray(y_f))
             diffs = _state_diffs(run.module, state, rules, atol)
             results.append(StepComparison(
                 mode=mode, step=step + 1, output_diff=_max_diff(y_t, y_f),
                 state_diff=max((d.max_abs_diff for d in diffs), default=0.0),
-                first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol),
+                first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol, channels_last),
                 first_variable=next((d for d in diffs if d.diverges), None),
                 atol=atol))
     return EquivalenceReport(results, atol)

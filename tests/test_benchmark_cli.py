@@ -1,0 +1,31 @@
+"""benchmarks/run.py writes results only when asked: the results files and README are tracked."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_are_written_only_when_asked(tmp_path):
+    run = _run_module()
+
+    def where(*argv):
+        args = run.parse_args(list(argv))
+        return run.results_path(args.write, args.gpu), args.readme
+
+    assert where() == (None, False)
+    assert where("--quick") == (None, False)
+    assert where("--gpu") == (None, False)
+    assert where("--write") == (ROOT / "benchmarks" / "results_cpu.md", False)
+    assert where("--gpu", "--write") == (ROOT / "benchmarks" / "results_gpu.md", False)
+    assert where("--write", str(tmp_path / "t.md")) == (tmp_path / "t.md", False)
+    assert where("--readme") == (None, True)
