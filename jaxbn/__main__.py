@@ -4,13 +4,14 @@ With no arguments (or ``table``) it prints torch's BatchNorm behaviour table, ob
 running jaxbn on a built-in example, with an "agrees with torch" column when torch is installed;
 the exit code is 1 if any row disagrees with torch.
 
-``convert IN OUT`` ports a checkpoint between torch and Flax (see :mod:`jaxbn.convert_cli` and
+``convert IN OUT`` ports a checkpoint between torch and Flax (see :mod:`jaxbn.porting.cli` and
 docs/porting.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -31,7 +32,8 @@ def _table(args: argparse.Namespace) -> int:
     print(behaviour.format_table(rows))
     ran_torch = any(r.torch_diff is not None for r in rows)
     if not ran_torch:
-        print("\ntorch is not installed: no comparison (pip install 'jaxbn[torch]' torch==2.13.0).")
+        print("\ncomparison with torch skipped (--no-torch)." if args.no_torch else
+              "\ntorch is not installed: no comparison (pip install 'jaxbn[torch]' torch==2.13.0).")
         return 0
     import torch
 
@@ -41,8 +43,17 @@ def _table(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+COMMANDS = ("table", "convert")
+
+
+def _program_name() -> str:
+    """``python -m jaxbn`` when run as a module, else the name it was called by (``jaxbn``)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m jaxbn" if name in ("", "__main__.py", "-c") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxbn", description="PyTorch's BatchNorm, exactly, in JAX.")
+    parser = argparse.ArgumentParser(prog=_program_name(), description="PyTorch's BatchNorm, exactly, in JAX.")
     sub = parser.add_subparsers(dest="command")
     table = sub.add_parser("table", help="print the behaviour table (the default)")
     table.add_argument("--no-torch", action="store_true", help="skip the comparison with torch")
@@ -56,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", True)
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["table", *argv]  # table is the default subcommand, options included
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["table", *(argv or [])])
     return args.func(args)
 
 

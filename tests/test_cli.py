@@ -49,3 +49,23 @@ def test_exit_code_is_nonzero_when_a_row_disagrees_with_torch(monkeypatch, capsy
     out = capsys.readouterr().out
     assert "| NO (" in out
     assert "12 of 16 rows agree" in out
+
+
+def test_no_torch_says_skipped_and_table_is_the_default_subcommand(capsys):
+    assert cli.main(["--no-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "comparison with torch skipped (--no-torch)" in out and "not installed" not in out
+    assert "| True" in out
+    assert cli.main(["table", "--no-torch"]) == 0
+    assert "comparison with torch skipped (--no-torch)" in capsys.readouterr().out
+
+
+def test_help_names_the_program_it_was_run_as(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/jaxbn", "--help"])
+    try:
+        cli.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert capsys.readouterr().out.startswith("usage: jaxbn ")
+    out = subprocess.run([sys.executable, "-m", "jaxbn", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m jaxbn "), out.stdout + out.stderr

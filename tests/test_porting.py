@@ -304,3 +304,72 @@ def test_torch_padding_is_not_flax_same_for_strided_convs():
         y = np.moveaxis(np.asarray(flax_conv.apply(variables, np.moveaxis(x, 1, -1))), -1, 1)
         diffs[str(padding)] = np.abs(y - ref).max()
     assert diffs["SAME"] > 1e-3 and diffs[str(((1, 1), (1, 1)))] < 1e-12
+
+
+# ------------------------------------------------------------------ Flax's automatic names
+
+
+class CompactNet(nn.Module):
+    """Compact submodules: Flax names them Conv_0, BatchNorm_0, Dense_0."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), padding=1, use_bias=False, param_dtype=F64)(x)
+        x = jl.BatchNorm(param_dtype=F64)(x, train=train).mean((1, 2))
+        return nn.Dense(5, param_dtype=F64)(x)
+
+
+class TorchCompactNet(torch.nn.Module):
+    """The torch model whose attributes carry Flax's automatic names."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("Conv_0", torch.nn.Conv2d(3, 4, 3, padding=1, bias=False))
+        self.add_module("BatchNorm_0", torch.nn.BatchNorm2d(4))
+        self.add_module("Dense_0", torch.nn.Linear(4, 5))
+
+    def forward(self, x):
+        x = self.BatchNorm_0(self.Conv_0(x)).mean((2, 3))
+        return self.Dense_0(x)
+
+
+def test_flax_automatic_names_stay_one_name_both_ways():
+    target = porting.target_from_module(CompactNet(), jnp.zeros((2, 5, 5, 3), F64))
+    variables = jax.tree.map(lambda s: np.random.default_rng(0).uniform(0.5, 1.5, s.shape).astype(s.dtype)
+                             if jnp.issubdtype(s.dtype, jnp.floating) else np.full(s.shape, 3, s.dtype), target)
+    keys = porting.structural_torch_target(variables)
+    assert {"Conv_0.weight", "BatchNorm_0.weight", "BatchNorm_0.running_var", "Dense_0.weight"} <= set(keys)
+    assert not any(k.startswith(("Conv.", "BatchNorm.", "Dense.")) for k in keys)
+
+    tnet = TorchCompactNet().double().eval()
+    state, _ = porting.flax_to_torch(variables, porting.structural_torch_target(variables), as_torch=True)
+    tnet.load_state_dict(state, strict=True)
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 5))
+    np.testing.assert_allclose(CompactNet().apply(variables, np.moveaxis(x, 1, -1)),
+                               to_numpy(tnet(torch.from_numpy(x))), rtol=0, atol=1e-12)
+
+    sd = tnet.state_dict()
+    assert "Conv_0" in porting.structural_flax_target(sd)["params"]
+    back, report = porting.torch_to_flax(sd, target)
+    assert report.ok
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+    assert porting.canonical_name("layer1_0.bn1") == "layer1.0.bn1" == porting.canonical_name(("layer1", 0, "bn1"))
+    assert porting.canonical_name("Conv.0") == "Conv_0" == porting.canonical_name(("Conv", 0))
+
+
+def test_load_variables_matches_names_like_torch_to_flax(tmp_path):
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.downsample = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, bias=False), torch.nn.BatchNorm2d(3))
+    model = torch.nn.Module()
+    model.layer1 = torch.nn.Sequential(block)
+    sd = model.double().state_dict()
+    variables, _ = porting.torch_to_flax(sd, porting.structural_flax_target(sd))
+    porting.save_variables(variables, str(tmp_path / "v.safetensors"))  # layer1_0/downsample_0, as the CLI writes
+    nested = {c: {"layer1_0": {"downsample": {k.removeprefix("downsample_"): leaves
+                                              for k, leaves in variables[c]["layer1_0"].items()}}}
+              for c in variables}  # layer1_0/downsample/0 (an NNX-style list)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nested)
+    loaded, report = porting.load_variables(str(tmp_path / "v.safetensors"), target)
+    assert report.ok and len(report.matched) == 6
+    jax.tree.map(np.testing.assert_array_equal, loaded, nested)

@@ -2,161 +2,129 @@
 
 Formats, detected from the file's first bytes (the extension is only a tie-breaker):
 
-* PyTorch ``.pt`` / ``.pth`` (zip or legacy) -- read *only* through
+* PyTorch ``.pt`` / ``.pth`` / ``.bin`` (zip or legacy) -- read *only* through
   ``torch.load(path, weights_only=True, map_location="cpu")``: never plain unpickling, so a
   crafted pickle cannot run code; it is refused with :class:`CheckpointError`. Needs torch.
 * ``.safetensors`` -- read through ``safetensors.numpy`` (no torch).
-* ``.npz`` -- ``numpy.load(allow_pickle=False)`` (no torch).
+* ``.npz`` -- ``numpy.load(allow_pickle=False)`` (no torch); the arrays' total size, read from
+  each member's header before anything is decompressed, must not exceed ``max_bytes``
+  (default :data:`DEFAULT_MAX_BYTES`, 16 GiB), so a small file of compressed zeros cannot
+  exhaust memory.
 * ``.msgpack`` -- Flax's ``flax.serialization`` msgpack (no pickle, no torch); nested
-  dictionaries are flattened with ``/``.
+  dictionaries are flattened with ``/`` (:mod:`.paths`).
 
-bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (the type JAX uses), bit-exact.
-Writes go to a temporary file in the target directory that replaces the destination only once
-complete, so a failed write never leaves a partial file or clobbers an existing one.
+Each format is one :class:`Format` record in :data:`REGISTRY` (name, extensions, content sniff,
+reader, writer). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (the type JAX uses),
+bit-exact; float8, quantized and sparse tensors are refused with :class:`CheckpointError` naming
+the tensor and its dtype.
+
+Writes go to a temporary file ``.<target name>.jaxbn-<pid>-<random>.tmp`` beside the target that
+replaces it only once complete, so a failed write never leaves a partial file or clobbers an
+existing one. The new file gets the mode of the file it replaces, else ``0o666`` minus the
+umask (like ``open(path, "w")``). An output that is a symbolic link is written *through*: the
+file it points to is replaced and the link stays. SIGTERM during a write removes the temporary
+file, then terminates as SIGTERM would; a temporary file left by a killed process (SIGKILL) is
+removed by the next write to the same target once that process no longer exists.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
+import secrets
+import signal
 import struct
-import tempfile
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
+
+from . import paths
+from .errors import CheckpointError
+from .tensors import (
+    BFLOAT16,
+    UnsupportedTensorError,
+    as_numpy,
+    is_torch_tensor,
+    numpy_to_tensor,
+    tensor_to_numpy,
+)
 
 __all__ = [
     "CheckpointError",
+    "DEFAULT_MAX_BYTES",
     "FORMATS",
+    "REGISTRY",
+    "Format",
+    "check_writable",
     "detect_format",
+    "format_for_path",
     "read_checkpoint",
     "write_checkpoint",
     "tensor_to_numpy",
     "numpy_to_tensor",
 ]
 
-BFLOAT16 = np.dtype(jnp.bfloat16)  # ml_dtypes.bfloat16, as JAX uses it
-FORMATS = ("torch", "safetensors", "npz", "msgpack")
-_EXTENSIONS = {
-    ".pt": "torch",
-    ".pth": "torch",
-    ".bin": "torch",
-    ".safetensors": "safetensors",
-    ".npz": "npz",
-    ".msgpack": "msgpack",
-}
+DEFAULT_MAX_BYTES = 16 * 2**30
 _SAFETENSORS_MAX_HEADER = 100_000_000
+_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32",
+                       "U16", "U8", "BOOL"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (unreadable, corrupt, unsafe, or of an unknown format)."""
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What format sniffing sees: the path, its size and its first 16 bytes."""
+
+    path: str
+    size: int
+    data: bytes
 
 
-def _is_torch_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One checkpoint format: everything needed to recognise, read and write it.
 
-
-def tensor_to_numpy(t: Any) -> np.ndarray:
-    """A NumPy copy of a torch tensor, bit-exact; bfloat16 becomes ``ml_dtypes.bfloat16``."""
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(BFLOAT16).copy()
-    return t.numpy().copy()
-
-
-def numpy_to_tensor(a: Any) -> Any:
-    """A torch tensor owning a copy of ``a`` (NumPy/JAX array), bit-exact, bfloat16 included."""
-    import torch
-
-    a = np.array(a, copy=True)
-    if a.dtype == BFLOAT16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """One of :data:`FORMATS`, from the file's content (extension only to break ties).
-
-    Raises:
-      CheckpointError: the file cannot be opened or its content is none of the formats.
+    ``read(path, max_bytes)`` returns the (possibly nested) mapping stored; ``write(arrays, path)``
+    writes a flat ``{name: numpy array}`` to ``path``; ``check(arrays)`` raises
+    :class:`CheckpointError` for what the format cannot hold, before anything is written; ``sep``
+    joins nested names when reading.
     """
-    path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
-    ext = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    if head[:4] == b"PK\x03\x04":
-        return _zip_format(path)
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch"  # legacy (non-zip) torch.save: a pickle stream, protocol 2..5
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and header_len < min(size - 7, _SAFETENSORS_MAX_HEADER):
-            return "safetensors"
-    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
-        return "msgpack"
-    hint = f"; the extension says {ext} but the content does not match" if ext else ""
-    raise CheckpointError(
-        f"{path!r} is not a checkpoint this reader knows (torch .pt/.pth, .safetensors, .npz, "
-        f"Flax .msgpack){hint}: it is empty, truncated or corrupt, or of another format"
-    )
+
+    name: str
+    extensions: tuple[str, ...]
+    sniff: Callable[[Head], bool]
+    read: Callable[[str, int], Any]
+    write: Callable[[dict[str, np.ndarray], str], None]
+    check: Callable[[dict[str, np.ndarray]], Any] = lambda arrays: None
+    sep: str = "."
 
 
-def _zip_format(path: str) -> str:
+# ---------------------------------------------------------------- torch
+
+def _zip_names(path: str) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+            return z.namelist()
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path!r} is a truncated or corrupt zip archive: {e}") from e
-    if any(n.endswith("data.pkl") for n in names):
-        return "torch"
-    if names and all(n.endswith(".npy") for n in names):
-        return "npz"
-    raise CheckpointError(f"{path!r} is a zip archive but neither a torch checkpoint nor an .npz")
 
 
-def read_checkpoint(
-    path: str | os.PathLike, format: str | None = None, *, key: str | None = None
-) -> dict[str, np.ndarray]:
-    """Read a checkpoint file into a flat ``{name: numpy array}``.
-
-    PyTorch equivalent: ``torch.load(path, weights_only=True, map_location="cpu")`` (a
-    ``state_dict``), for every format in :data:`FORMATS`; torch is needed only for torch files.
-
-    Args:
-      path: the file.
-      format: one of :data:`FORMATS`; ``None`` detects it from the content.
-      key: take this entry of the loaded dictionary (e.g. ``"state_dict"`` or ``"model"`` of a
-        training checkpoint that also stores the epoch); nested dictionaries are flattened with
-        ``.`` (torch) or ``/`` (msgpack).
-
-    Raises:
-      CheckpointError: unreadable, truncated/corrupt, unsafe (a pickle that would run code or
-        build arbitrary objects), or containing entries that are not arrays.
-    """
-    path = os.fspath(path)
-    format = detect_format(path) if format is None else format
-    if format not in FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
-    reader = {"torch": _read_torch, "safetensors": _read_safetensors, "npz": _read_npz,
-              "msgpack": _read_msgpack}[format]
-    tree = reader(path)
-    if key is not None:
-        if not isinstance(tree, Mapping) or key not in tree:
-            keys = list(tree)[:10] if isinstance(tree, Mapping) else []
-            raise CheckpointError(f"{path!r} has no entry {key!r} (top-level keys: {keys})")
-        tree = tree[key]
-    return _flatten(tree, path, "/" if format == "msgpack" else ".")
+def _is_zip(head: Head) -> bool:
+    return head.data[:4] == b"PK\x03\x04"
 
 
-def _read_torch(path: str) -> Any:
+def _sniff_torch(head: Head) -> bool:
+    if _is_zip(head):
+        return any(n.endswith("data.pkl") for n in _zip_names(head.path))
+    d = head.data
+    return len(d) >= 2 and d[0] == 0x80 and 2 <= d[1] <= 5  # legacy torch.save: pickle protocol 2..5
+
+
+def _read_torch(path: str, max_bytes: int) -> Any:
     try:
         import torch
     except ImportError as e:
@@ -179,7 +147,45 @@ def _read_torch(path: str) -> Any:
         raise CheckpointError(f"{path!r} is a truncated or corrupt PyTorch checkpoint: {e}") from e
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _write_torch(arrays: dict[str, np.ndarray], path: str) -> None:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"writing the PyTorch checkpoint {path!r} needs torch "
+                              "(pip install 'jaxbn[torch]'); or write .safetensors") from e
+    torch.save({k: numpy_to_tensor(v) for k, v in arrays.items()}, path)
+
+
+# ---------------------------------------------------------------- safetensors
+
+def _safetensors_header_length(data: bytes) -> int | None:
+    if len(data) < 9 or data[8:9] != b"{":
+        return None
+    return struct.unpack("<Q", data[:8])[0]
+
+
+def _sniff_safetensors(head: Head) -> bool:
+    n = _safetensors_header_length(head.data)
+    return n is not None and n < _SAFETENSORS_MAX_HEADER
+
+
+def _read_safetensors(path: str, max_bytes: int) -> dict[str, np.ndarray]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = _safetensors_header_length(f.read(9)) or 0
+        if n + 8 > size:
+            raise CheckpointError(f"{path!r} is not a valid safetensors file: its header length "
+                                  f"{n} exceeds the file size {size} (truncated or corrupt)")
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path!r} is a corrupt safetensors file: its header is not JSON ({e})") from e
+    for name, info in header.items() if isinstance(header, dict) else ():
+        dtype = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
+        if dtype is not None and dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path!r}: tensor {name!r} has dtype {dtype}, which has no exact "
+                                  f"NumPy type (supported: {sorted(_SAFETENSORS_DTYPES)})")
     from safetensors.numpy import load_file
 
     try:
@@ -188,50 +194,137 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path!r} is a truncated or corrupt safetensors file: {e}") from e
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def _write_safetensors(arrays: dict[str, np.ndarray], path: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.array(v, order="C") for k, v in arrays.items()}, path)  # ascontiguousarray makes 0-d 1-d
+
+
+# ---------------------------------------------------------------- npz
+
+def _sniff_npz(head: Head) -> bool:
+    if not _is_zip(head):
+        return False
+    names = _zip_names(head.path)
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _npz_sizes(z: np.lib.npyio.NpzFile, path: str) -> int:
+    """Total bytes of the arrays in an open ``.npz``, from the members' headers only."""
+    total = 0
+    for member_name in z.zip.namelist():
+        name = member_name.removesuffix(".npy")
+        with z.zip.open(member_name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+        if dtype.hasobject:
+            raise CheckpointError(f"refusing to load {path!r}: array {name!r} holds Python objects "
+                                  "(object arrays need pickle)")
+        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
+def _read_npz(path: str, max_bytes: int) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {name: np.array(z[name]) for name in z.files}
+            total = _npz_sizes(z, path)
+            if total > max_bytes:
+                raise CheckpointError(
+                    f"refusing to load {path!r}: its arrays hold {total} bytes once decompressed, "
+                    f"more than max_bytes={max_bytes} (CLI: --max-bytes)")
+            return {name: z[name] for name in z.files}  # each read is already a fresh array
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"refusing to load {path!r}: {e} (object arrays need pickle)") from e
     except Exception as e:
         raise CheckpointError(f"{path!r} is a truncated or corrupt .npz file: {e}") from e
 
 
-def _read_msgpack(path: str) -> Any:
+def _check_npz(arrays: dict[str, np.ndarray]) -> None:
+    if any(a.dtype == BFLOAT16 for a in arrays.values()):
+        raise CheckpointError(".npz cannot store bfloat16 readably; write .safetensors instead")
+
+
+def _write_npz(arrays: dict[str, np.ndarray], path: str) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# ---------------------------------------------------------------- msgpack
+
+def _sniff_msgpack(head: Head) -> bool:
+    d = head.data
+    return bool(d) and (0x80 <= d[0] <= 0x8F or d[0] in (0xDE, 0xDF))
+
+
+def _read_msgpack(path: str, max_bytes: int) -> Any:
+    import msgpack
     from flax import serialization
 
     try:
         with open(path, "rb") as f:
             return serialization.msgpack_restore(f.read())
+    except (msgpack.exceptions.StackError, RecursionError) as e:
+        raise CheckpointError(f"{path!r} is not a usable msgpack file: its dictionaries are nested "
+                              "too deep for a checkpoint") from e
     except Exception as e:
         raise CheckpointError(f"{path!r} is a truncated or corrupt msgpack file: {e}") from e
 
 
-def _flatten(tree: Any, path: str, sep: str) -> dict[str, np.ndarray]:
-    """Nested mappings -> ``{joined name: numpy array}``; anything but arrays is refused."""
-    flat: dict[str, np.ndarray] = {}
-    bad: list[str] = []
+def _write_msgpack(arrays: dict[str, np.ndarray], path: str) -> None:
+    from flax import serialization
 
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                visit(f"{prefix}{sep}{k}" if prefix else str(k), v)
-        elif _is_torch_tensor(node):
-            flat[prefix] = tensor_to_numpy(node)
-        elif isinstance(node, (np.ndarray, np.generic)):
-            flat[prefix] = np.array(node, copy=True)
-        else:
-            bad.append(f"{prefix or '<root>'} ({type(node).__name__})")
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(paths.tree_from_names(arrays)))
 
-    visit("", tree)
-    if bad:
-        raise CheckpointError(
-            f"{path!r} holds entries that are not tensors: {', '.join(bad[:10])}"
-            f"{' ...' if len(bad) > 10 else ''}; pick the state_dict with key=... "
-            f"(CLI: --key), e.g. key='state_dict'"
-        )
-    return flat
+
+# ---------------------------------------------------------------- registry
+
+REGISTRY: tuple[Format, ...] = (  # sniffed in this order
+    Format("torch", (".pt", ".pth", ".bin"), _sniff_torch, _read_torch, _write_torch),
+    Format("safetensors", (".safetensors",), _sniff_safetensors, _read_safetensors, _write_safetensors),
+    Format("npz", (".npz",), _sniff_npz, _read_npz, _write_npz, check=_check_npz),
+    Format("msgpack", (".msgpack",), _sniff_msgpack, _read_msgpack, _write_msgpack,
+           check=paths.tree_from_names, sep=paths.SEP),  # colliding names are refused
+)
+FORMATS = tuple(f.name for f in REGISTRY)
+_EXTENSIONS = {ext: f.name for f in REGISTRY for ext in f.extensions}
+
+
+def _format(name: str) -> Format:
+    for fmt in REGISTRY:
+        if fmt.name == name:
+            return fmt
+    raise CheckpointError(f"unknown checkpoint format {name!r}; expected one of {FORMATS}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """One of :data:`FORMATS`, from the file's content (extension only to break ties).
+
+    Raises:
+      CheckpointError: the file cannot be opened or its content is none of the formats.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = Head(path, size, f.read(16))
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+    ext = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    matches = [f.name for f in REGISTRY if f.sniff(head)]
+    if matches:
+        return ext if ext in matches else matches[0]
+    if _is_zip(head):
+        raise CheckpointError(f"{path!r} is a zip archive but neither a torch checkpoint nor an .npz")
+    hint = f"; the extension says {ext} but the content does not match" if ext else ""
+    raise CheckpointError(
+        f"{path!r} is not a checkpoint this reader knows (torch .pt/.pth, .safetensors, .npz, "
+        f"Flax .msgpack){hint}: it is empty, truncated or corrupt, or of another format"
+    )
 
 
 def format_for_path(path: str | os.PathLike) -> str:
@@ -245,48 +338,214 @@ def format_for_path(path: str | os.PathLike) -> str:
     return _EXTENSIONS[ext]
 
 
+# ---------------------------------------------------------------- reading
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    key: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, np.ndarray]:
+    """Read a checkpoint file into a flat ``{name: numpy array}``.
+
+    PyTorch equivalent: ``torch.load(path, weights_only=True, map_location="cpu")`` (a
+    ``state_dict``), for every format in :data:`FORMATS`; torch is needed only for torch files.
+
+    Args:
+      path: the file.
+      format: one of :data:`FORMATS`; ``None`` detects it from the content.
+      key: take this entry of the loaded dictionary (e.g. ``"state_dict"`` or ``"model"`` of a
+        training checkpoint that also stores the epoch); nested dictionaries are flattened with
+        ``.`` (torch) or ``/`` (msgpack).
+      max_bytes: refuse an ``.npz`` whose arrays would take more than this many bytes
+        decompressed (checked from the headers, before reading).
+
+    Raises:
+      CheckpointError: unreadable, truncated/corrupt, unsafe (a pickle that would run code or
+        build arbitrary objects), too large, containing entries that are not arrays, tensors
+        without an exact NumPy type (float8, quantized, sparse) or colliding names.
+    """
+    path = os.fspath(path)
+    fmt = _format(detect_format(path) if format is None else format)
+    tree = fmt.read(path, max_bytes)
+    if key is not None:
+        if not isinstance(tree, Mapping) or key not in tree:
+            keys = list(tree)[:10] if isinstance(tree, Mapping) else []
+            raise CheckpointError(f"{path!r} has no entry {key!r} (top-level keys: {keys})")
+        tree = tree[key]
+    return _flatten(tree, path, fmt.sep)
+
+
+def _flatten(tree: Any, path: str, sep: str) -> dict[str, np.ndarray]:
+    """Nested mappings -> ``{joined name: numpy array}``; anything but arrays is refused."""
+    flat: dict[str, np.ndarray] = {}
+    bad: list[str] = []
+
+    def visit(prefix: tuple, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                visit(prefix + (str(k),), v)
+            return
+        name = _join(prefix, sep, path)
+        if name in flat:
+            raise CheckpointError(f"{path!r}: two entries are both named {name!r}")
+        if is_torch_tensor(node):
+            try:
+                flat[name] = tensor_to_numpy(node)
+            except UnsupportedTensorError as e:
+                raise CheckpointError(f"{path!r}: tensor {name!r}: {e}") from e
+        elif isinstance(node, (np.ndarray, np.generic)):
+            a = np.asarray(node)
+            flat[name] = a if a.flags.writeable else a.copy()  # a reader's own fresh array is kept
+        else:
+            bad.append(f"{name or '<root>'} ({type(node).__name__})")
+
+    visit((), tree)
+    if bad:
+        raise CheckpointError(
+            f"{path!r} holds entries that are not tensors: {', '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''}; pick the state_dict with key=... "
+            f"(CLI: --key), e.g. key='state_dict'"
+        )
+    return flat
+
+
+def _join(prefix: tuple, sep: str, path: str) -> str:
+    if sep == paths.SEP:
+        try:
+            return paths.path_name(prefix) if prefix else ""
+        except CheckpointError as e:
+            raise CheckpointError(f"{path!r}: {e}") from e
+    return sep.join(prefix)
+
+
+# ---------------------------------------------------------------- writing
+
 def write_checkpoint(
     flat: Mapping[str, Any], path: str | os.PathLike, format: str | None = None
 ) -> None:
     """Write a flat ``{name: array}`` atomically (temporary file, then rename).
 
     ``format`` defaults to the extension's. For ``msgpack`` names are split on ``/`` into the
-    nested dictionaries Flax uses; ``torch`` writes ``torch.save`` of CPU tensors.
+    nested dictionaries Flax uses (names that collide are refused); ``torch`` writes
+    ``torch.save`` of CPU tensors. See the module docstring for file modes, symbolic links and
+    interrupted writes.
+
+    Raises:
+      CheckpointError: unknown format, data the format cannot hold, an output directory that
+        does not exist, an output that is a directory, or a write that fails.
     """
     path = os.fspath(path)
-    format = format_for_path(path) if format is None else format
-    arrays = {k: tensor_to_numpy(v) if _is_torch_tensor(v) else np.asarray(v) for k, v in flat.items()}
-    if format == "npz" and any(a.dtype == BFLOAT16 for a in arrays.values()):
-        raise CheckpointError(".npz cannot store bfloat16 readably; write .safetensors instead")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".jaxbn-", suffix=".tmp", dir=directory)
+    fmt = _format(format_for_path(path) if format is None else format)
+    arrays = {}
+    for k, v in flat.items():
+        try:
+            arrays[k] = as_numpy(v)
+        except UnsupportedTensorError as e:
+            raise CheckpointError(f"cannot write tensor {k!r}: {e}") from e
+    fmt.check(arrays)
+    _atomic_write(check_writable(path), lambda tmp: fmt.write(arrays, tmp))
+
+
+def check_writable(path: str | os.PathLike) -> str:
+    """The file a write to ``path`` replaces (a symbolic link resolved: it is written through).
+
+    Raises:
+      CheckpointError: ``path`` is a directory or its directory does not exist.
+    """
+    path = os.fspath(path)
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise CheckpointError(f"cannot write {path!r}: it is a directory")
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"cannot write {path!r}: the directory {directory!r} does not exist")
+    return target
+
+
+def _temp_name(target: str) -> str:
+    """The temporary file a write to ``target`` uses: ``.<name>.jaxbn-<pid>-<random>.tmp``."""
+    directory, name = os.path.split(target)
+    return os.path.join(directory, f".{name}.jaxbn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _remove_stale_temps(target: str) -> None:
+    """Remove temporary files of earlier writes to ``target`` whose process is gone."""
+    directory, name = os.path.split(target)
+    pattern = re.compile(re.escape(f".{name}.jaxbn-") + r"(\d+)-[0-9a-f]+\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m and not _process_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _atomic_write(target: str, write: Callable[[str], None]) -> None:
+    _remove_stale_temps(target)
+    tmp = _temp_name(target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except OSError as e:
+        raise CheckpointError(f"cannot write {target!r}: {e.strerror or e}") from e
     os.close(fd)
     try:
-        _write(arrays, tmp, format)
-        os.replace(tmp, path)
-    except BaseException:
+        # the replaced file's mode, else what open() would give (0o666 minus the umask); set after
+        # writing, since a writer may recreate the file (safetensors does, with mode 0o600)
+        mode = os.stat(target if os.path.isfile(target) else tmp).st_mode & 0o7777
+        with _removed_on_sigterm(tmp):
+            write(tmp)
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {target!r}: {e.strerror or e}") from e
         raise
 
 
-def _write(arrays: dict[str, np.ndarray], path: str, format: str) -> None:
-    if format == "safetensors":
-        from safetensors.numpy import save_file
+class _removed_on_sigterm:
+    """While active (main thread only): SIGTERM removes ``tmp``, then acts as it would have."""
 
-        save_file({k: np.array(v, order="C") for k, v in arrays.items()}, path)  # ascontiguousarray makes 0-d 1-d
-    elif format == "npz":
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
-    elif format == "msgpack":
-        from flax import serialization
-        from flax.traverse_util import unflatten_dict
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        self.installed = False
+        self.previous: Any = signal.SIG_DFL
 
-        with open(path, "wb") as f:
-            f.write(serialization.msgpack_serialize(unflatten_dict(arrays, sep="/")))
-    elif format == "torch":
-        import torch
+    def _handler(self, signum: int, frame: Any) -> None:
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+        signal.signal(signum, self.previous)
+        self.installed = False
+        os.kill(os.getpid(), signum)  # the previous behaviour: by default, terminate by SIGTERM
 
-        torch.save({k: numpy_to_tensor(v) for k, v in arrays.items()}, path)
-    else:
-        raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
+    def __enter__(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN):
+            previous = signal.signal(signal.SIGTERM, self._handler)
+            self.previous = signal.SIG_DFL if previous is None else previous
+            self.installed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.installed = False

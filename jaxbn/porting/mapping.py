@@ -5,10 +5,12 @@ Name convention (the default mapping)
 A torch key ``layer1.0.bn1.running_mean`` is *module path* ``layer1.0.bn1`` + *leaf*
 ``running_mean``. A Flax variable ``variables['batch_stats']['layer1_0']['bn1']['running_mean']``
 is collection + module path ``('layer1_0', 'bn1')`` + leaf. The two match when their module paths
-agree after *canonicalization*: joined with ``.``, every ``name_<int>`` becomes ``name.<int>``.
-So Flax submodules named like the torch attributes match by default, including the names Flax
-gives list attributes (``self.layer1 = [Block(), ...]`` in ``setup`` is ``layer1_0``, ...) and
-NNX's nested integer keys (``('layer1', 0, 'bn1')``).
+agree after *canonicalization* (:func:`canonical_name`): joined with ``.``, every lowercase
+``name_<int>`` becomes ``name.<int>``, while Flax's automatic names of compact submodules, a
+capitalized class name and an index (``Conv_0``, ``BatchNorm_1``), stay one name (and a torch
+``Conv.0`` is read as ``Conv_0``). So Flax submodules named like the torch attributes match by
+default, including the names Flax gives list attributes (``self.layer1 = [Block(), ...]`` in
+``setup`` is ``layer1_0``, ...) and NNX's nested integer keys (``('layer1', 0, 'bn1')``).
 
 Leaves map as: ``weight`` -> ``weight`` (jaxbn's BatchNorm: 1:1), or ``kernel`` (``nn.Conv`` /
 ``nn.Dense``: conv ``(O, I, *k)`` -> ``(*k, I, O)`` for 1d/2d/3d, linear ``(out, in)`` ->
@@ -36,13 +38,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from . import formats as checkpoint_io
+from .errors import CheckpointError
+from .paths import SEP, flatten_tree, path_name, plain_tree, unflatten_tree  # noqa: F401 (plain_tree: re-exported)
+from .tensors import as_numpy, numpy_to_tensor
 from ..functional.types import counter_dtype
 
 __all__ = [
@@ -68,6 +73,7 @@ BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 COUNTER = "num_batches_tracked"
 WEIGHT_ALIASES = ("weight", "kernel", "scale", "embedding")
 _INDEXED = re.compile(r"(.+)_(\d+)")
+_AUTO_NAMED = re.compile(r"[A-Z][A-Za-z0-9]*(_\d+)+")  # Flax's compact names: Conv_0, BatchNorm_1
 
 
 class PortingError(ValueError):
@@ -121,7 +127,7 @@ class PortReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        rows = [f"{e.torch_key:40s} -> {'/'.join(e.flax_path):45s} {e.transform:8s} "
+        rows = [f"{e.torch_key:40s} -> {_show(e.flax_path):45s} {e.transform:8s} "
                 f"{e.torch_shape} -> {e.flax_shape}" for e in self.matched]
         rows += [f"{k:40s} -> (from target) num_batches_tracked absent: version-1 checkpoint"
                  for k in self.filled]
@@ -131,12 +137,20 @@ class PortReport:
 
 
 def canonical_name(path: str | Sequence[Any]) -> str:
-    """``'layer1_0.bn1'``, ``('layer1', 0, 'bn1')`` and ``'layer1.0.bn1'`` -> ``'layer1.0.bn1'``."""
+    """``'layer1_0.bn1'``, ``('layer1', 0, 'bn1')`` and ``'layer1.0.bn1'`` -> ``'layer1.0.bn1'``.
+
+    A lowercase ``name_<int>`` (a list attribute) splits into ``name.<int>``; a capitalized
+    ``Name_<int>`` (Flax's automatic name of a compact submodule, ``Conv_0``) stays one name, and
+    an index following a capitalized name joins it (torch ``Conv.0`` -> ``Conv_0``).
+    """
     parts = path.split(".") if isinstance(path, str) else [str(p) for p in path]
     out: list[str] = []
     for part in parts:
+        if part.isdigit() and out and out[-1][:1].isupper():
+            out[-1] = f"{out[-1]}_{part}"
+            continue
         indices = []
-        while (m := _INDEXED.fullmatch(part)) is not None:
+        while _AUTO_NAMED.fullmatch(part) is None and (m := _INDEXED.fullmatch(part)) is not None:
             part, index = m.group(1), m.group(2)
             indices.append(index)
         out += [part, *reversed(indices)]
@@ -177,43 +191,6 @@ def _flax_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------- trees
 
-def plain_tree(tree: Any) -> Any:
-    """Plain nested dicts from FrozenDict / nnx.State / dict."""
-    if hasattr(tree, "to_pure_dict"):
-        from flax import nnx
-
-        tree = nnx.to_pure_dict(tree)
-    if isinstance(tree, Mapping):
-        return {k: plain_tree(v) for k, v in tree.items()}
-    return tree
-
-
-def flatten_tree(tree: Any) -> dict[tuple, Any]:
-    """``{path tuple: leaf}`` of nested mappings (variables dicts, FrozenDict, NNX state)."""
-    flat = {}
-
-    def visit(prefix: tuple, node: Any) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                visit(prefix + (k,), v)
-        else:
-            flat[prefix] = node
-
-    visit((), plain_tree(tree))
-    return flat
-
-
-def unflatten_tree(flat: Mapping[tuple, Any]) -> dict:
-    """Nested plain dicts from ``{path tuple: leaf}`` (the inverse of :func:`flatten_tree`)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _is_linen(flat: Mapping[tuple, Any]) -> bool:
     return bool(flat) and all(len(p) > 1 and p[0] in COLLECTIONS for p in flat)
 
@@ -223,7 +200,11 @@ def _module_path(path: tuple, linen: bool) -> tuple:
 
 
 def _show(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
+    """A path as its flat name for messages (never refused: it only reports)."""
+    try:
+        return path_name(path)
+    except CheckpointError:
+        return repr(path)
 
 
 # ---------------------------------------------------------------- matching
@@ -238,13 +219,23 @@ def _apply_rules(key: str, rules: Rules) -> str | None:
     return key
 
 
+@dataclasses.dataclass
+class _Plan:
+    """How torch keys pair with Flax leaves, before any value is looked at."""
+
+    entries: list[Entry]
+    unmatched: list[str]  # torch keys with no Flax leaf
+    missing: list[str]  # Flax leaves (shown) with no torch key
+    filled: list[tuple]  # Flax counters a version-1 checkpoint lacks
+    ignored: list[str]  # torch keys dropped by the rules
+
+
 def _plan(
     torch_shapes: Mapping[str, tuple[int, ...]],
     flax_flat: Mapping[tuple, Any],
     rules: Rules,
-) -> tuple[list[Entry], list[str], list[str], list[str], list[str]]:
-    """Match torch keys to Flax leaves: (entries, unmatched torch keys, unmatched Flax paths
-    (shown), filled counters (torch keys), torch keys dropped by rules)."""
+) -> _Plan:
+    """Match torch keys to Flax leaves by canonical module name and leaf."""
     linen = _is_linen(flax_flat)
     index: dict[tuple[str, str], tuple] = {}
     for path in flax_flat:
@@ -271,7 +262,7 @@ def _plan(
     # (version 1) keeps the module's current counter.
     filled = [p for p in missing if str(p[-1]) == COUNTER]
     missing_shown = [_show(p) for p in missing if p not in filled]
-    return entries, unmatched, missing_shown, filled, ignored
+    return _Plan(entries, unmatched, missing_shown, filled, ignored)
 
 
 def _bn_hints(unexpected: Sequence[str], flax_flat: Mapping[tuple, Any]) -> list[str]:
@@ -285,6 +276,36 @@ def _bn_hints(unexpected: Sequence[str], flax_flat: Mapping[tuple, Any]) -> list
             hints.append(f"{module} has no running statistics in the target: was its BatchNorm "
                          f"built with track_running_stats=False while the checkpoint's was not?")
     return sorted(set(hints))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copy:
+    """One matched value on its way into the output, with what it must fit."""
+
+    entry: Entry
+    key: Any  # where it goes in the output
+    name: str  # how a dtype problem names it
+    value: np.ndarray  # already in the target's layout
+    target: Any  # a leaf with the wanted shape and dtype
+    size_mismatch: str  # the report line if the shapes differ
+
+
+def _copy_checked(copies: Iterable[_Copy], cast: bool, report: PortReport) -> dict:
+    """The one strict loop of every direction: check the shape, coerce the dtype, record.
+
+    Returns ``{key: value in the target's dtype}`` for the copies that fit; every one that
+    does not adds a line to ``report``.
+    """
+    out = {}
+    for c in copies:
+        if c.value.shape != tuple(np.shape(c.target)):
+            report.shape_mismatches.append(c.size_mismatch)
+            continue
+        value = _coerce(c.name, c.value, c.target, cast, report)
+        if value is not None:
+            out[c.key] = value
+            report.matched.append(c.entry)
+    return out
 
 
 def _coerce(name: str, value: np.ndarray, target: Any, cast: bool, report: PortReport) -> np.ndarray | None:
@@ -313,12 +334,6 @@ def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if checkpoint_io._is_torch_tensor(value):
-        return checkpoint_io.tensor_to_numpy(value)
-    return np.asarray(value)
-
-
 def torch_to_flax(
     state_dict: Mapping[str, Any],
     target: Any,
@@ -326,6 +341,7 @@ def torch_to_flax(
     rules: Rules = None,
     strict: bool = True,
     cast: bool = False,
+    as_jax: bool = True,
 ) -> tuple[dict, PortReport]:
     """Fill Flax variables from a torch ``state_dict``.
 
@@ -341,37 +357,42 @@ def torch_to_flax(
       rules: name rewriting, see the module docstring.
       strict: raise :class:`PortingError` on any problem (else return it in the report).
       cast: allow converting between floating dtypes.
+      as_jax: return ``jax.Array`` leaves (else NumPy arrays, e.g. to write a file).
 
     Returns:
-      ``(variables, report)``: plain nested dicts of ``jax.Array`` shaped like ``target``.
+      ``(variables, report)``: plain nested dicts of arrays shaped like ``target``.
     """
-    arrays = {k: _numpy(v) for k, v in state_dict.items()}
+    arrays = {k: as_numpy(v) for k, v in state_dict.items()}
     flax_flat = flatten_tree(target)
-    entries, unmatched, missing, filled, ignored = _plan(
-        {k: a.shape for k, a in arrays.items()}, flax_flat, rules)
-    report = PortReport(matched=[], missing_keys=missing, unexpected_keys=unmatched, ignored=ignored,
-                        filled=[_show(p) for p in filled])
-    report.hints = _bn_hints(unmatched, flax_flat)
-    out = dict(flax_flat)
-    for e in entries:
-        target_leaf = flax_flat[e.flax_path]
+    plan = _plan({k: a.shape for k, a in arrays.items()}, flax_flat, rules)
+    report = PortReport(missing_keys=plan.missing, unexpected_keys=plan.unmatched, ignored=plan.ignored,
+                        filled=[_show(p) for p in plan.filled])
+    report.hints = _bn_hints(plan.unmatched, flax_flat)
+
+    def copy(e: Entry) -> _Copy:
         value = _to_flax(e.transform, arrays[e.torch_key])
-        if value.shape != tuple(np.shape(target_leaf)):
-            report.shape_mismatches.append(
-                f"{e.torch_key}: copying a param with shape {e.torch_shape} from checkpoint "
-                f"({e.transform} layout {value.shape}), the shape in the current model is "
-                f"{tuple(np.shape(target_leaf))} at {_show(e.flax_path)}")
-            continue
-        value = _coerce(e.torch_key, value, target_leaf, cast, report)
-        if value is not None:
-            out[e.flax_path] = value
-            report.matched.append(e)
-    for p in filled:
+        target_leaf = flax_flat[e.flax_path]
+        return _Copy(e, e.flax_path, e.torch_key, value, target_leaf,
+                     f"{e.torch_key}: copying a param with shape {e.torch_shape} from checkpoint "
+                     f"({e.transform} layout {value.shape}), the shape in the current model is "
+                     f"{tuple(np.shape(target_leaf))} at {_show(e.flax_path)}")
+
+    out = dict(flax_flat)
+    out.update(_copy_checked(map(copy, plan.entries), cast, report))
+    for p in plan.filled:
         leaf = flax_flat[p]
         out[p] = np.zeros((), leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
     if strict and not report.ok:
         raise PortingError(report, "torch state_dict into Flax variables")
-    return unflatten_tree({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
+    return _variables(out, as_jax), report
+
+
+def _variables(flat: Mapping[tuple, Any], as_jax: bool) -> dict:
+    """Nested variables from ``{path: value}``, as ``jax.Array`` (checked) or NumPy."""
+    if as_jax:
+        return unflatten_tree({p: _as_jax(v, _show(p)) for p, v in flat.items()})
+    return unflatten_tree({p: v if isinstance(v, jax.ShapeDtypeStruct) else np.asarray(v)
+                           for p, v in flat.items()})
 
 
 def _as_jax(value: Any, name: str) -> Any:
@@ -415,29 +436,25 @@ def flax_to_torch(
     """
     if hasattr(torch_target, "state_dict") and callable(torch_target.state_dict):
         torch_target = torch_target.state_dict()
-    targets = {k: _numpy(v) for k, v in torch_target.items()}
+    targets = {k: as_numpy(v) for k, v in torch_target.items()}
     flax_flat = {p: np.asarray(v) for p, v in flatten_tree(variables).items()}
-    entries, unmatched, unused, filled, ignored = _plan(
-        {k: a.shape for k, a in targets.items()}, flax_flat, rules)
-    report = PortReport(missing_keys=unmatched, unexpected_keys=unused + [_show(p) for p in filled],
-                        ignored=ignored)
-    out: dict[str, Any] = {}
-    for e in entries:
+    plan = _plan({k: a.shape for k, a in targets.items()}, flax_flat, rules)
+    report = PortReport(missing_keys=plan.unmatched,
+                        unexpected_keys=plan.missing + [_show(p) for p in plan.filled],
+                        ignored=plan.ignored)
+
+    def copy(e: Entry) -> _Copy:
         value = _to_torch(e.transform, flax_flat[e.flax_path])
         want = targets[e.torch_key]
-        if value.shape != want.shape:
-            report.shape_mismatches.append(
-                f"{e.torch_key}: {_show(e.flax_path)} has shape {e.flax_shape} ({e.transform} "
-                f"layout {value.shape}), the torch model expects {want.shape}")
-            continue
-        value = _coerce(_show(e.flax_path), value, want, cast, report)
-        if value is not None:
-            out[e.torch_key] = value
-            report.matched.append(e)
+        return _Copy(e, e.torch_key, _show(e.flax_path), value, want,
+                     f"{e.torch_key}: {_show(e.flax_path)} has shape {e.flax_shape} ({e.transform} "
+                     f"layout {value.shape}), the torch model expects {want.shape}")
+
+    out = _copy_checked(map(copy, plan.entries), cast, report)
     if strict and not report.ok:
         raise PortingError(report, "Flax variables into a torch state_dict")
     if as_torch:
-        out = {k: checkpoint_io.numpy_to_tensor(v) for k, v in out.items()}
+        out = {k: numpy_to_tensor(v) for k, v in out.items()}
     return out, report
 
 
@@ -462,24 +479,53 @@ def structural_flax_target(state_dict: Mapping[str, Any]) -> dict:
     A BatchNorm with ``running_mean`` but no ``num_batches_tracked`` (torch's version 1) gets a
     counter of 0. Counters get JAX's integer type (int64 with ``jax_enable_x64``, else int32,
     range-checked); float64 tensors need ``jax_enable_x64``.
+
+    Raises:
+      CheckpointError: a key that is empty, contains ``/`` or an empty segment (``a..b``), or
+        two keys that would become the same Flax name or a leaf and its parent.
     """
-    arrays = {k: _numpy(v) for k, v in state_dict.items()}
+    arrays = {k: as_numpy(v) for k, v in state_dict.items()}
     flat: dict[tuple, Any] = {}
+    source: dict[tuple, str] = {}
     for key, a in arrays.items():
-        module, leaf = _split_key(key)
+        module, leaf = _split_key(_checked_torch_key(key))
         path = _flax_module_path(module)
         if leaf == "weight" and a.ndim >= 2:
             t = _kernel_transform(a.ndim)
-            flat[("params", *path, "kernel")] = jax.ShapeDtypeStruct(_flax_shape(t, a.shape), a.dtype)
+            flax_path, leaf_value = ("params", *path, "kernel"), jax.ShapeDtypeStruct(_flax_shape(t, a.shape), a.dtype)
         else:
             collection = "batch_stats" if leaf in BUFFER_LEAVES else "params"
-            flat[(collection, *path, leaf)] = jax.ShapeDtypeStruct(a.shape, a.dtype)
+            flax_path, leaf_value = (collection, *path, leaf), jax.ShapeDtypeStruct(a.shape, a.dtype)
+        if flax_path in source:
+            _refuse_collision(source[flax_path], key, f"both map to {_show(flax_path)!r}")
+        flat[flax_path], source[flax_path] = leaf_value, key
         if leaf == "running_mean" and f"{module + '.' if module else ''}{COUNTER}" not in arrays:
             flat[("batch_stats", *path, COUNTER)] = jax.ShapeDtypeStruct((), np.int64)
+            source[("batch_stats", *path, COUNTER)] = key
+    for flax_path, key in source.items():
+        for depth in range(1, len(flax_path)):
+            if flax_path[:depth] in source:
+                _refuse_collision(source[flax_path[:depth]], key,
+                                  f"{_show(flax_path[:depth])!r} would be a tensor and the parent of "
+                                  f"{_show(flax_path)!r}")
     counter = counter_dtype()  # int32 without x64: counters are range-checked on conversion
     flat = {p: jax.ShapeDtypeStruct(v.shape, counter) if str(p[-1]) == COUNTER else v
             for p, v in flat.items()}
     return unflatten_tree(flat)
+
+
+def _checked_torch_key(key: str) -> str:
+    """``key``, if it names a torch tensor without inventing anything; else CheckpointError."""
+    if not key or SEP in key or "" in key.split("."):
+        problem = ("is empty" if not key else "contains '/', the separator of Flax names" if SEP in key
+                   else "has an empty segment (a leading, trailing or doubled '.')")
+        raise CheckpointError(f"torch key {key!r} {problem}: rename it (rules=..., or in torch) "
+                              "before converting")
+    return key
+
+
+def _refuse_collision(first: str, second: str, how: str) -> None:
+    raise CheckpointError(f"keys {first!r} and {second!r} collide: {how}; rename one of them")
 
 
 def _flax_module_path(module: str) -> tuple[str, ...]:
@@ -495,22 +541,36 @@ def _flax_module_path(module: str) -> tuple[str, ...]:
 def structural_torch_target(variables: Any) -> dict[str, np.ndarray]:
     """The torch ``state_dict`` keys/shapes/dtypes Flax variables map to without a torch model.
 
-    The inverse of :func:`structural_flax_target`: ``name_<int>`` -> ``name.<int>``, ``kernel``
-    -> ``weight`` in torch layout, ``scale``/``embedding`` -> ``weight``. (A torch attribute
-    really named ``conv_1`` would come out as ``conv.1``: give the torch model or a reference
-    checkpoint instead, CLI ``--like``.)
+    The inverse of :func:`structural_flax_target`: module paths are joined with ``.`` after
+    :func:`canonical_name` (a lowercase ``layer1_0`` -> ``layer1.0``; Flax's automatic names
+    ``Conv_0``, ``BatchNorm_1`` stay as they are, so ``Conv_0/kernel`` -> ``Conv_0.weight``),
+    ``kernel`` -> ``weight`` in torch layout, ``scale``/``embedding`` -> ``weight``. (A torch
+    attribute really named ``conv_1`` would come out as ``conv.1``: give the torch model or a
+    reference checkpoint instead, CLI ``--like``.)
+
+    Raises:
+      CheckpointError: a Flax key containing ``.`` (the torch separator), or two variables that
+        would get the same torch key.
     """
     flat = flatten_tree(variables)
     linen = _is_linen(flat)
     out: dict[str, np.ndarray] = {}
+    source: dict[str, tuple] = {}
     for path, leaf in flat.items():
+        dotted = [str(p) for p in path if "." in str(p)]
+        if dotted:
+            raise CheckpointError(f"Flax variable {_show(path)!r}: key {dotted[0]!r} contains '.', "
+                                  "the separator of torch keys; rename it or give a torch target (--like)")
         module = canonical_name(_module_path(path, linen))
         name = str(path[-1])
         shape = tuple(np.shape(leaf))
         if name == "kernel":
             shape = tuple(_to_torch(_kernel_transform(len(shape)), np.empty(shape, np.int8)).shape)
         torch_leaf = "weight" if name in WEIGHT_ALIASES else name
-        out[f"{module}.{torch_leaf}" if module else torch_leaf] = np.empty(shape, np.asarray(leaf).dtype)
+        key = f"{module}.{torch_leaf}" if module else torch_leaf
+        if key in source:
+            _refuse_collision(_show(source[key]), _show(path), f"both map to the torch key {key!r}")
+        out[key], source[key] = np.empty(shape, np.asarray(leaf).dtype), path
     return out
 
 
@@ -518,35 +578,55 @@ def structural_torch_target(variables: Any) -> dict[str, np.ndarray]:
 
 def save_variables(variables: Any, path: str) -> None:
     """Write Flax variables as Flax msgpack (``.msgpack``, ``flax.serialization``) or
-    ``.safetensors`` (names ``params/layer1_0/bn1/weight``), atomically."""
-    flat = {_show(p): np.asarray(v) for p, v in flatten_tree(variables).items()}
+    ``.safetensors`` / ``.npz`` (names ``params/layer1_0/bn1/weight``), atomically."""
+    flat = {path_name(p): np.asarray(v) for p, v in flatten_tree(variables).items()}
     checkpoint_io.write_checkpoint(flat, path)
 
 
 def load_variables(path: str, target: Any, *, cast: bool = False, strict: bool = True) -> tuple[dict, PortReport]:
-    """Read variables written by :func:`save_variables`, checked against ``target``.
+    """Read variables written by :func:`save_variables` (or the CLI), checked against ``target``.
 
-    Unlike ``flax.serialization.from_state_dict``, unexpected keys are an error (not dropped)
-    and shapes and dtypes are checked; all problems are reported together.
+    Names match exactly, or else by collection, :func:`canonical_name` of the module path and
+    leaf, as :func:`torch_to_flax` matches (``params/layer1_0/downsample_0/kernel`` in the file
+    fills ``params/layer1_0/downsample/0/kernel`` of an NNX-style target). Unlike
+    ``flax.serialization.from_state_dict``, unexpected keys are an error (not dropped) and
+    shapes and dtypes are checked; all problems are reported together.
     """
     loaded = checkpoint_io.read_checkpoint(path)
     flax_flat = flatten_tree(target)
-    shown = {_show(p): p for p in flax_flat}
-    report = PortReport(missing_keys=[s for s in shown if s not in loaded],
-                        unexpected_keys=[k for k in loaded if k not in shown])
+    matches, unexpected = _match_names(loaded, flax_flat)
+    used = set(matches.values())
+    report = PortReport(missing_keys=[_show(p) for p in flax_flat if p not in used],
+                        unexpected_keys=unexpected)
+
+    def copy(name: str) -> _Copy:
+        p, value = matches[name], loaded[name]
+        return _Copy(Entry(name, p, "identity", value.shape, value.shape), p, name, value, flax_flat[p],
+                     f"{name}: the file has shape {value.shape}, the target {tuple(np.shape(flax_flat[p]))}")
+
     out = dict(flax_flat)
-    for name, value in loaded.items():
-        if name not in shown:
-            continue
-        p = shown[name]
-        if value.shape != tuple(np.shape(flax_flat[p])):
-            report.shape_mismatches.append(
-                f"{name}: the file has shape {value.shape}, the target {tuple(np.shape(flax_flat[p]))}")
-            continue
-        value = _coerce(name, value, flax_flat[p], cast, report)
-        if value is not None:
-            out[p] = value
-            report.matched.append(Entry(name, p, "identity", value.shape, value.shape))
+    out.update(_copy_checked(map(copy, matches), cast, report))
     if strict and not report.ok:
         raise PortingError(report, f"{path!r} into the target variables")
-    return unflatten_tree({p: _as_jax(v, _show(p)) for p, v in out.items()}), report
+    return _variables(out, as_jax=True), report
+
+
+def _match_names(loaded: Mapping[str, Any], flax_flat: Mapping[tuple, Any]) -> tuple[dict[str, tuple], list[str]]:
+    """``({file name: target path}, unmatched file names)``: exact names first, then canonical."""
+    linen = _is_linen(flax_flat)
+    exact = {_show(p): p for p in flax_flat}
+
+    def canonical(path: tuple) -> tuple:
+        return (path[:1] if linen else ()) + (canonical_name(_module_path(path, linen)), str(path[-1]))
+
+    by_canonical = {canonical(p): p for p in flax_flat}
+    matches = {name: exact[name] for name in loaded if name in exact}
+    taken = set(matches.values())
+    for name in loaded:
+        parts = tuple(name.split(SEP))
+        p = by_canonical.get(canonical(parts)) if name not in matches and all(parts) else None
+        if p is not None and p not in taken:
+            matches[name] = p
+            taken.add(p)
+    unexpected = [name for name in loaded if name not in matches]
+    return matches, unexpected

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import porting
-from ..porting import formats as checkpoint_io
+from ..porting.paths import path_name
+from ..porting.tensors import numpy_to_tensor, tensor_to_numpy
 
 __all__ = ["CHANNELS_LAST", "SGD", "EquivalenceReport", "Layout", "StepComparison", "assert_equivalent",
            "check_equivalence", "to_channels_first", "to_channels_last"]
@@ -247,7 +248,7 @@ class _TorchRun:
     def _hook(self, name: str) -> Callable:
         def record(_module, _inputs, output):
             if isinstance(output, self.torch.Tensor):
-                self.outputs[name] = checkpoint_io.tensor_to_numpy(output)
+                self.outputs[name] = tensor_to_numpy(output)
 
         return record
 
@@ -255,11 +256,11 @@ class _TorchRun:
         torch = self.torch
         self.outputs = {}
         self.module.train(training)
-        xt = checkpoint_io.numpy_to_tensor(x)
+        xt = numpy_to_tensor(x)
         if training and lr is not None:
             self.module.zero_grad(set_to_none=True)
             y = self.module(xt)
-            loss(y, checkpoint_io.numpy_to_tensor(target)).backward()
+            loss(y, numpy_to_tensor(target)).backward()
             with torch.no_grad():
                 for p in self.module.parameters():
                     if p.grad is not None:
@@ -267,7 +268,7 @@ class _TorchRun:
         else:
             with torch.no_grad():
                 y = self.module(xt)
-        return checkpoint_io.tensor_to_numpy(y)
+        return tensor_to_numpy(y)
 
 
 def _forward(module: Any, training: bool, kwargs: Mapping[str, Any]) -> Callable:
@@ -323,7 +324,7 @@ def _flax_layer_outputs(intermediates: Mapping) -> dict[str, tuple[str, np.ndarr
             continue
         value = value[0] if isinstance(value, tuple) else value
         if isinstance(value, (jax.Array, np.ndarray)):
-            out[porting.canonical_name(path[:-1])] = ("/".join(map(str, path[:-1])), np.asarray(value))
+            out[porting.canonical_name(path[:-1])] = (path_name(path[:-1]), np.asarray(value))
     return out
 
 
@@ -344,7 +345,7 @@ def _state_diffs(torch_module, variables, rules, atol) -> list[Divergence]:
     ported, report = porting.torch_to_flax(sd, variables, rules=rules)
     flat_ported = porting.flatten_tree(ported)
     flat_mine = porting.flatten_tree(variables)
-    return [Divergence(e.torch_key, "/".join(map(str, e.flax_path)),
+    return [Divergence(e.torch_key, path_name(e.flax_path),
                        _max_diff(flat_ported[e.flax_path], flat_mine[e.flax_path]),
                        _tolerance(flat_ported[e.flax_path], atol))
             for e in report.matched]

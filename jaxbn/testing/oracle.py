@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..functional.types import BatchNormFlags, BatchNormParams, BatchNormState
+from ..porting.tensors import BFLOAT16, numpy_to_tensor, tensor_to_numpy
 
 try:
     import torch
@@ -23,21 +24,17 @@ _SUFFIXES = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
 
 
 def to_numpy(t: "torch.Tensor | None") -> np.ndarray | None:
-    """A NumPy *copy* of a tensor (float32 for bf16, which NumPy cannot hold)."""
+    """A NumPy *copy* of a tensor (:func:`jaxbn.porting.tensors.tensor_to_numpy`), bf16 widened
+    to float32 (exactly) so tests can compare it numerically."""
     if t is None:
         return None
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().copy()
+    a = tensor_to_numpy(t)
+    return a.astype(np.float32) if a.dtype == BFLOAT16 else a
 
 
 def to_torch(a: Any) -> "torch.Tensor":
-    """A tensor that owns a copy of ``a`` (a NumPy or JAX array; bf16 stays bf16)."""
-    a = np.array(a, copy=True)
-    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy rejects
-        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(a)
+    """A tensor that owns a copy of ``a`` (a NumPy or JAX array; bf16 stays bf16, bit-exact)."""
+    return numpy_to_tensor(a)
 
 
 def build_module(
