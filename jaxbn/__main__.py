@@ -43,9 +43,6 @@ def _table(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-COMMANDS = ("table", "convert")
-
-
 def _program_name() -> str:
     """``python -m jaxbn`` when run as a module, else the name it was called by (``jaxbn``)."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
@@ -64,11 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    """The names of the parser's subcommands (whatever registered itself)."""
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices}
+
+
 def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", True)
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in subcommands(parser) and argv[0] not in ("-h", "--help")):
         argv = ["table", *argv]  # table is the default subcommand, options included
     args = parser.parse_args(argv)
     return args.func(args)

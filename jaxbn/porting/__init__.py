@@ -8,34 +8,9 @@
 * :mod:`.cli` -- ``python -m jaxbn convert``.
 """
 
-from .mapping import (
-    PortingError,
-    PortReport,
-    Rules,
-    canonical_name,
-    flax_to_torch,
-    load_variables,
-    save_variables,
-    structural_flax_target,
-    structural_torch_target,
-    target_from_module,
-    torch_to_flax,
-)
-from .paths import flatten_tree, plain_tree, unflatten_tree
+from . import mapping
+from .mapping import *  # noqa: F403 -- the mapping API is the package's API
+from .mapping import Rules
+from .paths import plain_tree
 
-__all__ = [
-    "PortReport",
-    "PortingError",
-    "Rules",
-    "canonical_name",
-    "flatten_tree",
-    "flax_to_torch",
-    "load_variables",
-    "plain_tree",
-    "save_variables",
-    "structural_flax_target",
-    "structural_torch_target",
-    "target_from_module",
-    "torch_to_flax",
-    "unflatten_tree",
-]
+__all__ = [*mapping.__all__, "Rules", "plain_tree"]
