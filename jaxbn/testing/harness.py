@@ -282,7 +282,9 @@ def _forward(module: Any, training: bool, kwargs: Mapping[str, Any]) -> Callable
         return forward
 
     def forward(variables, x):
-        mutable = ["intermediates"] + (["batch_stats"] if training and "batch_stats" in variables else [])
+        # Mutable in every mode: whether a call writes the buffers is torch's rule (instance norm
+        # writes them in eval too), and a collection that does not change comes back unchanged.
+        mutable = ["intermediates"] + (["batch_stats"] if "batch_stats" in variables else [])
         y, updates = module.apply(variables, x, capture_intermediates=True, mutable=mutable, **kwargs)
         updates = dict(updates)
         return y, updates, updates.pop("intermediates", {})
