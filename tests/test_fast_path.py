@@ -223,10 +223,14 @@ def test_only_the_input_is_a_full_size_residual(shape, axis, training, buffers, 
     small = rf"\w+\[({shape[axis]}|{shape[0]})?\] "
     assert all(line.startswith(full) or re.match(small, line) for line in lines), lines
 
-    # Same answer from the closure jax.vjp returns: its leaves are the residuals.
-    _, vjp = jax.vjp(layer, jnp.asarray(x), params)
+    # Same answer from the closure jax.vjp returns: its leaves are the residuals, and the one
+    # full-size leaf is the caller's own x (eagerly too: no copy of it is kept).
+    xj = jnp.asarray(x)
+    _, vjp = jax.vjp(layer, xj, params)
     sizes = [leaf.size for leaf in jax.tree.leaves(vjp)]
     assert sizes.count(x.size) == 1 and max(s for s in sizes if s != x.size) <= max(shape[:2])
+    (kept,) = [leaf for leaf in jax.tree.leaves(vjp) if leaf.size == x.size]
+    assert kept.unsafe_buffer_pointer() == xj.unsafe_buffer_pointer()
 
 
 def test_half_precision_residuals_and_dtypes():

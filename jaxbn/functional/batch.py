@@ -52,7 +52,7 @@ def prepare_call(
     (float64 becomes float32 when ``jax_enable_x64`` is off, in both).
     """
     validation.check_argument_types(x, state, params, flags)
-    x, state, params = jax.tree.map(jnp.asarray, (x, state, params))
+    x, state, params = jax.tree.map(validation.as_jax, (x, state, params))
     flags, momentum, eps = validation.split_overrides(flags, momentum, eps)
     feature_axis = validation.check_input(x, flags.axis)
     validation.check_state_and_params(x, state, params, feature_axis)
@@ -192,7 +192,7 @@ def batch_norm(
     shape = tuple(call.x.shape)
     if mask is not None:
         validation.check_array("mask", mask)
-        mask = jnp.asarray(mask)
+        mask = validation.as_jax(mask)
     validation.check_mask(mask, shape, call.feature_axis)
     validation.check_eps(call.eps, call.plan.uses_input_stats)
     if call.plan.uses_input_stats and mask is None and call.flags.axis_name is None:

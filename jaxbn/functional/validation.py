@@ -38,6 +38,13 @@ def check_array(name: str, value: Any) -> None:
     raise TypeError(f"{name} must be a JAX or NumPy array, got {_type_name(value)}{hint}")
 
 
+def as_jax(value: Any) -> jax.Array:
+    """A JAX array (or tracer) as it is -- converting it would copy it, and under ``jax.vjp`` the
+    copy would be kept for the backward pass -- and a NumPy array converted (dtype canonicalized,
+    as ``jax.jit`` does to its arguments)."""
+    return value if isinstance(value, jax.Array) else jnp.asarray(value)
+
+
 def check_fields(name: str, value: Any, cls: type, build: str) -> None:
     """``value`` is None or a ``cls`` (a NamedTuple of arrays); say how to build one otherwise."""
     if value is None:
