@@ -18,3 +18,9 @@ def test_ci_runs_the_readme_commands_verbatim():
     assert readme[0].endswith("python -m jaxbn")
     assert readme[1].endswith("python -m pytest")
     assert all("torch==2.13.0" in c for c in readme)
+
+
+def test_readme_says_how_to_run_the_fast_subset():
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r'python -m pytest -m "not slow"', readme)
+    assert '"slow:' in (ROOT / "pyproject.toml").read_text()  # the marker the command deselects
