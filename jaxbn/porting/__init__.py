@@ -22,8 +22,14 @@ from .mapping import (
     torch_to_flax,
     unflatten_tree,
 )
+from .settings import NormSettings, norm_settings
+from .translate import UnsupportedError, from_torch
 
 __all__ = [
+    "NormSettings",
+    "UnsupportedError",
+    "from_torch",
+    "norm_settings",
     "PortReport",
     "PortingError",
     "Rules",
