@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import porting
 from ..porting import formats as checkpoint_io
+from . import audit
 
 __all__ = ["EquivalenceReport", "StepComparison", "assert_equivalent", "check_equivalence"]
 
@@ -86,10 +87,11 @@ class EquivalenceReport:
 
     steps: list[StepComparison]
     atol: float
+    settings: list[str] = dataclasses.field(default_factory=list)  # norm core-parameter mismatches
 
     @property
     def ok(self) -> bool:
-        return all(s.ok for s in self.steps)
+        return all(s.ok for s in self.steps) and not self.settings
 
     def max_output_diff(self, mode: str) -> float:
         return max((s.output_diff for s in self.steps if s.mode == mode), default=0.0)
@@ -103,7 +105,8 @@ class EquivalenceReport:
 
     def __str__(self) -> str:
         head = f"torch vs Flax equivalence (atol {self.atol:g}): {'OK' if self.ok else 'MISMATCH'}"
-        return "\n".join([head, *(str(s) for s in self.steps)])
+        settings = [f"norm settings differ: {m}" for m in self.settings]
+        return "\n".join([head, *settings, *(str(s) for s in self.steps)])
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -314,6 +317,8 @@ def check_equivalence(
         target = porting.target_from_module(flax_module, example, **eval_kwargs)
         variables, _ = porting.torch_to_flax(torch_module.state_dict(), target, rules=rules)
     variables = porting.plain_tree(variables)
+    settings = (audit.norm_mismatches(torch_module, flax_module, variables, to_flax_input(inputs[0]),
+                                      **eval_kwargs) if isinstance(flax_module, nn.Module) else [])
     results = []
     for mode in modes:
         training = mode == "train"
@@ -334,7 +339,7 @@ def check_equivalence(
                 first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol),
                 first_variable=next((d for d in diffs if d.diverges), None),
                 atol=atol))
-    return EquivalenceReport(results, atol)
+    return EquivalenceReport(results, atol, settings)
 
 
 def assert_equivalent(*args: Any, **kwargs: Any) -> EquivalenceReport:
