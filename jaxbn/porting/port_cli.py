@@ -51,6 +51,19 @@ def build_model(spec: str):
     return factory()
 
 
+def load_checkpoint(model, flat: dict) -> None:
+    """``model.load_state_dict(flat, strict=True)`` with the model's own version metadata (a
+    plain dict has none, and torch's BatchNorm then adds ``num_batches_tracked`` to a layer
+    built without running statistics whose ``track_running_stats`` was set later)."""
+    import collections
+
+    from . import formats
+
+    state = collections.OrderedDict((k, formats.numpy_to_tensor(v)) for k, v in flat.items())
+    state._metadata = getattr(model.state_dict(), "_metadata", None)
+    model.load_state_dict(state, strict=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Port ``args.model``; the exit status described in the module doc."""
     import torch
@@ -60,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = build_model(args.model)
         if args.checkpoint:
-            state = formats.read_checkpoint(args.checkpoint, key=args.key)
-            model.load_state_dict({k: formats.numpy_to_tensor(v) for k, v in state.items()}, strict=True)
+            load_checkpoint(model, formats.read_checkpoint(args.checkpoint, key=args.key))
         shape = tuple(int(s) for s in args.input_shape.split(","))
         dtype = getattr(torch, args.dtype) if args.dtype else next(
             (p.dtype for p in model.parameters()), torch.float32)

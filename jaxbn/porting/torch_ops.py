@@ -227,7 +227,7 @@ def max_pool(x: jax.Array, spatial: int, kernel_size: Any, stride: Any = None, p
     kernel, stride, _, dilation, _, pads, lead = _pool_geometry(
         x, spatial, kernel_size, stride, padding, dilation, ceil_mode)
     return lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), lax.max, (1,) * lead + kernel, (1,) * lead + stride,
+        x, -jnp.inf, lax.max, (1,) * lead + kernel, (1,) * lead + stride,
         ((0, 0),) * lead + tuple(pads), window_dilation=(1,) * lead + dilation)
 
 
@@ -246,7 +246,7 @@ def avg_pool(x: jax.Array, spatial: int, kernel_size: Any, stride: Any = None, p
     """``F.avg_pool{1,2,3}d`` over the last ``spatial`` axes, with torch's divisor."""
     kernel, stride, padding, _, outs, pads, lead = _pool_geometry(
         x, spatial, kernel_size, stride, padding, 1, ceil_mode)
-    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1,) * lead + kernel,
+    total = lax.reduce_window(x, 0.0, lax.add, (1,) * lead + kernel,
                               (1,) * lead + stride, ((0, 0),) * lead + tuple(pads))
     if divisor_override:
         return total / divisor_override
