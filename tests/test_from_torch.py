@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -531,3 +532,16 @@ def test_audit_names_every_core_parameter_mismatch_before_any_numbers():
     lines = str(report).splitlines()
     assert lines[1:4] == [f"norm settings differ: {m}" for m in report.settings]
     assert "eval  step 1" in lines[4]
+
+
+def test_porting_doc_one_call_example_runs(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(ROOT) / "docs" / "porting.md").read_text()
+    section = doc.split("## The one-call port", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    run = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "<All keys matched successfully>"
