@@ -545,3 +545,50 @@ def test_porting_doc_one_call_example_runs(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "<All keys matched successfully>"
+
+
+class NormVariants(torch.nn.Module):
+    """BatchNorm1d/3d, a materialized lazy BatchNorm, InstanceNorm1d/3d, functional dropout p=0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+        self.bn3d = torch.nn.BatchNorm3d(4, momentum=0.2)
+        self.lazy = torch.nn.LazyBatchNorm3d(eps=1e-4, momentum=None)
+        self.in3d = torch.nn.InstanceNorm3d(4, affine=True)
+        self.in1d = torch.nn.InstanceNorm1d(4, track_running_stats=True, momentum=0.3)
+        self.bn1d = torch.nn.BatchNorm1d(4, affine=False)
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.in3d(self.lazy(self.bn3d(self.conv(x))))
+        x = self.bn1d(self.in1d(x.flatten(2)))
+        return self.out(torch.nn.functional.dropout(x.mean(2), p=0.0, training=self.training))
+
+
+def test_norm_variants_and_lazy_modules():
+    torch.manual_seed(0)
+    net = NormVariants().double()
+    with pytest.raises(UnsupportedError, match=r"^lazy \(torch\.nn\.LazyBatchNorm3d\) has not been materialized"):
+        jaxbn.from_torch(net, torch.zeros(2, 2, 3, 3, 3, dtype=F64))
+    with torch.no_grad():
+        net(torch.randn(8, 2, 3, 3, 3, dtype=F64))  # materializes the lazy layer, moves the statistics
+    assert type(net.lazy) is torch.nn.BatchNorm3d and porting.norm_settings(net)["lazy"].momentum is None
+    xs, ys = batches(shape=(8, 2, 3, 3, 3), classes=3)
+    assert eval_diff(net, xs[0]) <= 1e-12
+    assert_training_matches(compare_training(net, xs, ys, lr=0.2))
+
+
+def test_stochastic_depth_draws_whole_rows():
+    ops = import_torchvision().ops
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), ops.StochasticDepth(0.5, "row")).double()
+    module, variables = jaxbn.from_torch(net, torch.zeros(64, 4, dtype=F64))
+    x = jnp.ones((64, 4))
+    plain = module.apply(variables, x, train=False)
+    net.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(plain), net(torch.ones(64, 4, dtype=F64)).numpy(), rtol=0, atol=1e-14)
+    y = np.asarray(module.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    dropped = np.all(y == 0, axis=1)
+    assert 10 < dropped.sum() < 54
+    np.testing.assert_allclose(y[~dropped], 2 * np.asarray(plain)[~dropped])
