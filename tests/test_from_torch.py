@@ -477,6 +477,31 @@ class _Holder(torch.nn.Module):
         return self.block(x)
 
 
+def test_forward_branching_on_training_is_refused():
+    class Aux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) * 2 if self.training else self.fc(x)
+
+    with pytest.raises(UnsupportedError, match=r"^head \(.*Aux\): its forward runs different operations in train and eval"):
+        jaxbn.from_torch(_Named(head=Aux()), torch.zeros(1, 3))
+
+
+class _Named(torch.nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x):
+        for child in self.children():
+            x = child(x)
+        return x
+
+
 def test_import_jaxbn_does_not_import_torch():
     code = "import sys, jaxbn; jaxbn.from_torch; import jaxbn.porting; assert 'torch' not in sys.modules"
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),

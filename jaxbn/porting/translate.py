@@ -37,7 +37,8 @@ from . import torch_nn, torch_ops
 from .mapping import target_from_module, torch_to_flax
 from .settings import settings_of
 
-__all__ = ["Block", "Layer", "Op", "Ported", "TracedModule", "UnsupportedError", "capture", "from_torch"]
+__all__ = ["Block", "Layer", "Op", "Ported", "TracedModule", "UnsupportedError", "capture",
+           "capture_mode_independent", "from_torch"]
 
 
 class UnsupportedError(NotImplementedError):
@@ -569,6 +570,32 @@ def _check_materialized(torch_module: Any) -> None:
                                    "materialized: run the torch model once on an input first")
 
 
+def capture_mode_independent(torch_module: Any) -> Block:
+    """:func:`capture` of the module in train mode and in eval mode (on copies), refusing a
+    forward whose Python code branches on ``self.training``: ``torch.fx`` would fix the branch
+    taken when traced, while the Flax module's mode is ``train`` at call time."""
+    import copy
+
+    trained = capture(copy.deepcopy(torch_module).train())
+    evaluated = capture(copy.deepcopy(torch_module).eval())
+    if trained != evaluated:
+        path, torch_type = _first_difference(trained, evaluated)
+        raise UnsupportedError(
+            f"{path or 'the model'} ({torch_type}): its forward runs different operations in "
+            "train and eval mode (Python code reading self.training, fixed when torch.fx traces "
+            "it): not supported")
+    return trained
+
+
+def _first_difference(a: Block, b: Block) -> tuple[str, str]:
+    """The innermost block whose own operations differ between two captures."""
+    if a.ops == b.ops and a.output == b.output and [n for n, _ in a.children] == [n for n, _ in b.children]:
+        for (_, x), (_, y) in zip(a.children, b.children):
+            if x != y and isinstance(x, Block) and isinstance(y, Block):
+                return _first_difference(x, y)
+    return a.torch_path, a.torch_type
+
+
 def example_arrays(example_input: Any, channels_last: bool = False) -> tuple:
     """torch tensor(s) -> JAX arrays in the translated model's layout."""
     from . import formats
@@ -603,7 +630,7 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
       UnsupportedError: a module or operation that is not translated, named by path and type.
     """
     _check_materialized(torch_module)
-    block = capture(torch_module)
+    block = capture_mode_independent(torch_module)
     module = TracedModule(block, channels_last=channels_last)
     arrays = example_arrays(example_input, channels_last)
     target = target_from_module(module, *arrays, train=False)
