@@ -537,6 +537,10 @@ class TracedModule(nn.Module):
 def _bind_inputs(block: Block, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     if len(args) > len(block.inputs):
         raise TypeError(f"{block.torch_type} takes {len(block.inputs)} inputs, got {len(args)}")
+    unknown = set(kwargs) - {name for name, _ in block.inputs}
+    if unknown:
+        raise TypeError(f"{block.torch_type} got unexpected keyword argument(s) {sorted(unknown)} "
+                        f"(inputs: {[name for name, _ in block.inputs]}, and train=)")
     env = {}
     for i, (name, default) in enumerate(block.inputs):
         if i < len(args):
