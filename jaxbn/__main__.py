@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .porting import cli as convert_cli
 
     convert_cli.add_parser(sub)
+    from .porting import port_cli
+
+    port_cli.add_parser(sub)
     return parser
 
 

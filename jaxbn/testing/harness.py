@@ -36,6 +36,7 @@ import numpy as np
 from .. import porting
 from ..porting.paths import path_name
 from ..porting.tensors import numpy_to_tensor, tensor_to_numpy
+from . import audit
 
 __all__ = ["CHANNELS_LAST", "SGD", "EquivalenceReport", "Layout", "StepComparison", "assert_equivalent",
            "check_equivalence", "to_channels_first", "to_channels_last"]
@@ -168,10 +169,11 @@ class EquivalenceReport:
 
     steps: list[StepComparison]
     atol: float
+    settings: list[str] = dataclasses.field(default_factory=list)  # norm core-parameter mismatches
 
     @property
     def ok(self) -> bool:
-        return all(s.ok for s in self.steps)
+        return all(s.ok for s in self.steps) and not self.settings
 
     def max_output_diff(self, mode: str) -> float:
         return max((s.output_diff for s in self.steps if s.mode == mode), default=0.0)
@@ -185,7 +187,8 @@ class EquivalenceReport:
 
     def __str__(self) -> str:
         head = f"torch vs Flax equivalence (atol {self.atol:g}): {'OK' if self.ok else 'MISMATCH'}"
-        return "\n".join([head, *(str(s) for s in self.steps)])
+        settings = [f"norm settings differ: {m}" for m in self.settings]
+        return "\n".join([head, *settings, *(str(s) for s in self.steps)])
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -437,6 +440,9 @@ def check_equivalence(
     variables = porting.plain_tree(variables)
     # only a linen module has layers to locate: an apply function never needs the layout probed
     channels_last = isinstance(flax_module, nn.Module) and layout.resolved_channels_last(inputs[0])
+    settings = (audit.norm_mismatches(torch_module, flax_module, variables,
+                                      layout.to_flax_input(inputs[0]), **eval_kwargs)
+                if isinstance(flax_module, nn.Module) else [])
     results = []
     for mode in modes:
         training = mode == "train"
@@ -457,7 +463,7 @@ def check_equivalence(
                 first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol, channels_last),
                 first_variable=next((d for d in diffs if d.diverges), None),
                 atol=atol))
-    return EquivalenceReport(results, atol)
+    return EquivalenceReport(results, atol, settings)
 
 
 def assert_equivalent(*args: Any, **kwargs: Any) -> EquivalenceReport:

@@ -1,0 +1,349 @@
+"""torch's tensor functions in JAX, with torch's signatures and layout (channels on axis 1).
+
+What :func:`jaxbn.from_torch` and the files ``python -m jaxbn port`` emits call for
+``torch.nn.functional`` / ``torch`` functions and ``Tensor`` methods (``F.relu(x)``,
+``torch.flatten(x, 1)``, ``x.view(n, -1)``). Pure JAX: no torch, no flax. Pools and padding
+follow torch's formulas exactly (``ceil_mode``, ``count_include_pad``, adaptive bins).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# ---------------------------------------------------------------- activations
+
+
+def relu(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.relu``."""
+    return jnp.maximum(x, 0)
+
+
+def relu6(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.relu6``: ``min(max(x, 0), 6)``."""
+    return jnp.minimum(jnp.maximum(x, 0), 6)
+
+
+def hardsigmoid(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.hardsigmoid``: ``min(max(x + 3, 0), 6) / 6``."""
+    return relu6(x + 3) / 6
+
+
+def hardswish(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.hardswish``: ``x * min(max(x + 3, 0), 6) / 6``."""
+    return x * relu6(x + 3) / 6
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """``torch.sigmoid``."""
+    return jax.nn.sigmoid(x)
+
+
+def silu(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.silu``: ``x * sigmoid(x)``."""
+    return x * jax.nn.sigmoid(x)
+
+
+def tanh(x: jax.Array) -> jax.Array:
+    """``torch.tanh``."""
+    return jnp.tanh(x)
+
+
+def gelu(x: jax.Array, approximate: str = "none") -> jax.Array:
+    """``F.gelu`` (``approximate='none'`` or ``'tanh'``)."""
+    return jax.nn.gelu(x, approximate=approximate == "tanh")
+
+
+def leaky_relu(x: jax.Array, negative_slope: float = 0.01, inplace: bool = False) -> jax.Array:
+    """``F.leaky_relu``."""
+    return jnp.where(x >= 0, x, x * negative_slope)
+
+
+def softmax(x: jax.Array, dim: int, dtype: Any = None) -> jax.Array:
+    """``F.softmax`` / ``Tensor.softmax``."""
+    return jax.nn.softmax(x if dtype is None else x.astype(dtype), axis=dim)
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def size(x: jax.Array, dim: int | None = None) -> Any:
+    """``Tensor.size()``: the shape (a tuple of ints), or one dimension."""
+    return tuple(x.shape) if dim is None else x.shape[dim]
+
+
+def dim(x: jax.Array) -> int:
+    """``Tensor.dim()``."""
+    return x.ndim
+
+
+def _shape_arguments(shape: Sequence[Any]) -> tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    return tuple(int(s) for s in shape)
+
+
+def reshape(x: jax.Array, *shape: Any) -> jax.Array:
+    """``Tensor.view(*shape)`` / ``Tensor.reshape`` / ``torch.reshape`` (C order, like a
+    contiguous torch tensor)."""
+    return jnp.reshape(x, _shape_arguments(shape))
+
+
+view = reshape
+
+
+def flatten(x: jax.Array, start_dim: int = 0, end_dim: int = -1) -> jax.Array:
+    """``torch.flatten``."""
+    if x.ndim == 0:
+        return x.reshape(1)
+    start, end = start_dim % x.ndim, end_dim % x.ndim
+    return x.reshape(*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
+
+
+def transpose(x: jax.Array, dim0: int, dim1: int) -> jax.Array:
+    """``torch.transpose``."""
+    return jnp.swapaxes(x, dim0, dim1)
+
+
+def permute(x: jax.Array, *dims: Any) -> jax.Array:
+    """``Tensor.permute``."""
+    return jnp.transpose(x, _shape_arguments(dims))
+
+
+def contiguous(x: jax.Array, memory_format: Any = None) -> jax.Array:
+    """``Tensor.contiguous``: a no-op for JAX arrays."""
+    return x
+
+
+def squeeze(x: jax.Array, dim: int | None = None) -> jax.Array:
+    """``torch.squeeze`` (a size-1 ``dim`` only; other sizes are left alone, as torch does)."""
+    if dim is None:
+        return jnp.squeeze(x)
+    return jnp.squeeze(x, dim) if x.shape[dim] == 1 else x
+
+
+def unsqueeze(x: jax.Array, dim: int) -> jax.Array:
+    """``torch.unsqueeze``."""
+    return jnp.expand_dims(x, dim if dim >= 0 else dim + x.ndim + 1)
+
+
+def cat(tensors: Sequence[jax.Array], dim: int = 0) -> jax.Array:
+    """``torch.cat``."""
+    return jnp.concatenate(list(tensors), axis=dim)
+
+
+def chunk(x: jax.Array, chunks: int, dim: int = 0) -> tuple[jax.Array, ...]:
+    """``torch.chunk``: pieces of ``ceil(size / chunks)`` (the last one smaller)."""
+    step = -(-x.shape[dim] // chunks)
+    return tuple(lax.slice_in_dim(x, i, min(i + step, x.shape[dim]), axis=dim)
+                 for i in range(0, x.shape[dim], step))
+
+
+def mean(x: jax.Array, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> jax.Array:
+    """``torch.mean``."""
+    return jnp.mean(x, axis=_axes(dim), keepdims=keepdim, dtype=dtype)
+
+
+def sum(x: jax.Array, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> jax.Array:  # noqa: A001
+    """``torch.sum``."""
+    return jnp.sum(x, axis=_axes(dim), keepdims=keepdim, dtype=dtype)
+
+
+def _axes(dim: Any) -> Any:
+    return tuple(dim) if isinstance(dim, (list, tuple)) else dim
+
+
+def add(x: Any, other: Any, alpha: float = 1) -> Any:
+    """``torch.add``."""
+    return x + other * alpha if alpha != 1 else x + other
+
+
+def mul(x: Any, other: Any) -> Any:
+    """``torch.mul``."""
+    return x * other
+
+
+def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A function that returns its input (``nn.Identity``, ``dropout`` with ``p=0``)."""
+    return x
+
+
+def to_channels_first(x: jax.Array) -> jax.Array:
+    """NHWC (any rank >= 3) -> NCHW: the translated model's entry for ``channels_last=True``."""
+    return jnp.moveaxis(x, -1, 1) if x.ndim >= 3 else x
+
+
+def to_channels_last(x: jax.Array) -> jax.Array:
+    """NCHW -> NHWC, the inverse of :func:`to_channels_first`."""
+    return jnp.moveaxis(x, 1, -1) if x.ndim >= 3 else x
+
+
+# ---------------------------------------------------------------- pools
+
+
+def spatial_tuple(value: Any, spatial: int) -> tuple[int, ...]:
+    """torch's ``_pair`` / ``_triple``: an int repeated, or the tuple given."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    return (int(value),) * spatial
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                     ceil_mode: bool) -> int:
+    """torch's ``pooling_output_shape``: the number of windows along one axis."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def _pool_geometry(x: jax.Array, spatial: int, kernel_size: Any, stride: Any, padding: Any,
+                   dilation: Any, ceil_mode: bool):
+    kernel = spatial_tuple(kernel_size, spatial)
+    stride = spatial_tuple(kernel_size if stride is None or stride == [] else stride, spatial)
+    padding = spatial_tuple(padding, spatial)
+    dilation = spatial_tuple(dilation, spatial)
+    sizes = x.shape[-spatial:]
+    outs = [pool_output_size(*a, ceil_mode) for a in zip(sizes, kernel, stride, padding, dilation)]
+    # right padding: torch's (p, p), plus what ceil_mode's last window reaches beyond it
+    pads = [(p, max(p, (o - 1) * s + d * (k - 1) + 1 - n - p))
+            for n, k, s, p, d, o in zip(sizes, kernel, stride, padding, dilation, outs)]
+    lead = x.ndim - spatial
+    return kernel, stride, padding, dilation, outs, pads, lead
+
+
+def max_pool(x: jax.Array, spatial: int, kernel_size: Any, stride: Any = None, padding: Any = 0,
+             dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> jax.Array:
+    """``F.max_pool{1,2,3}d`` over the last ``spatial`` axes (padding never wins the max)."""
+    if return_indices:
+        raise NotImplementedError("max_pool with return_indices=True is not supported")
+    kernel, stride, _, dilation, _, pads, lead = _pool_geometry(
+        x, spatial, kernel_size, stride, padding, dilation, ceil_mode)
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1,) * lead + kernel, (1,) * lead + stride,
+        ((0, 0),) * lead + tuple(pads), window_dilation=(1,) * lead + dilation)
+
+
+def _avg_divisor(size: int, kernel: int, stride: int, padding: int, out: int,
+                 count_include_pad: bool) -> np.ndarray:
+    """torch's per-window divisor along one axis (``avg_pool2d``'s ``pool_size``)."""
+    starts = np.arange(out) * stride - padding
+    if count_include_pad:
+        return np.minimum(starts + kernel, size + padding) - starts
+    return np.minimum(starts + kernel, size) - np.maximum(starts, 0)
+
+
+def avg_pool(x: jax.Array, spatial: int, kernel_size: Any, stride: Any = None, padding: Any = 0,
+             ceil_mode: bool = False, count_include_pad: bool = True,
+             divisor_override: int | None = None) -> jax.Array:
+    """``F.avg_pool{1,2,3}d`` over the last ``spatial`` axes, with torch's divisor."""
+    kernel, stride, padding, _, outs, pads, lead = _pool_geometry(
+        x, spatial, kernel_size, stride, padding, 1, ceil_mode)
+    total = lax.reduce_window(x, 0.0, lax.add, (1,) * lead + kernel,
+                              (1,) * lead + stride, ((0, 0),) * lead + tuple(pads))
+    if divisor_override:
+        return total / divisor_override
+    divisor = np.ones((), np.int64)
+    for n, k, s, p, o in zip(x.shape[-spatial:], kernel, stride, padding, outs):
+        divisor = np.multiply.outer(divisor, _avg_divisor(n, k, s, p, o, count_include_pad))
+    return total / jnp.asarray(divisor, x.dtype)
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling bins: ``[floor(i * n / out), ceil((i + 1) * n / out))``."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def _adaptive(x: jax.Array, spatial: int, output_size: Any, reduce) -> jax.Array:
+    sizes = spatial_tuple(output_size, spatial) if not isinstance(output_size, (tuple, list)) \
+        else tuple(output_size)
+    for axis_offset, out in enumerate(sizes):
+        axis = x.ndim - spatial + axis_offset
+        n = x.shape[axis]
+        if out is None or out == n:
+            continue
+        x = jnp.stack([reduce(lax.slice_in_dim(x, a, b, axis=axis), axis)
+                       for a, b in _adaptive_bins(n, int(out))], axis=axis)
+    return x
+
+
+def adaptive_avg_pool(x: jax.Array, spatial: int, output_size: Any) -> jax.Array:
+    """``F.adaptive_avg_pool{1,2,3}d`` (torch's bins; one axis after the other)."""
+    return _adaptive(x, spatial, output_size, lambda v, axis: jnp.mean(v, axis=axis))
+
+
+def adaptive_max_pool(x: jax.Array, spatial: int, output_size: Any,
+                      return_indices: bool = False) -> jax.Array:
+    """``F.adaptive_max_pool{1,2,3}d`` (torch's bins)."""
+    if return_indices:
+        raise NotImplementedError("adaptive_max_pool with return_indices=True is not supported")
+    return _adaptive(x, spatial, output_size, lambda v, axis: jnp.max(v, axis=axis))
+
+
+def _spatial_variant(function, spatial: int):
+    def variant(x, *args, **kwargs):
+        return function(x, spatial, *args, **kwargs)
+
+    variant.__name__ = f"{function.__name__}{spatial}d"
+    variant.__doc__ = f"``F.{function.__name__}{spatial}d``."
+    return variant
+
+
+max_pool1d, max_pool2d, max_pool3d = (_spatial_variant(max_pool, n) for n in (1, 2, 3))
+avg_pool1d, avg_pool2d, avg_pool3d = (_spatial_variant(avg_pool, n) for n in (1, 2, 3))
+adaptive_avg_pool1d, adaptive_avg_pool2d, adaptive_avg_pool3d = (
+    _spatial_variant(adaptive_avg_pool, n) for n in (1, 2, 3))
+adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
+    _spatial_variant(adaptive_max_pool, n) for n in (1, 2, 3))
+
+
+# ---------------------------------------------------------------- convolution, linear
+
+
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stride: Sequence[int],
+         padding: Any, dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> jax.Array:
+    """``F.conv{1,2,3}d`` on ``(N, C, *spatial)`` with a Flax-layout kernel ``(*k, I / groups, O)``.
+
+    ``padding`` is torch's: ints (symmetric, explicit -- never Flax's ``'SAME'``), ``'valid'`` or
+    ``'same'`` (torch's split: the extra element on the right). A ``padding_mode`` other than
+    ``'zeros'`` pads the input first (``reflect``, ``replicate``, ``circular``).
+    """
+    spatial = kernel.ndim - 2
+    pads = conv_padding(kernel.shape[:spatial], padding, dilation)
+    if padding_mode != "zeros":
+        mode = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[padding_mode]
+        x = jnp.pad(x, ((0, 0), (0, 0), *pads), mode=mode)
+        pads = [(0, 0)] * spatial
+    numbers = lax.ConvDimensionNumbers(
+        lhs_spec=tuple(range(spatial + 2)),
+        rhs_spec=(spatial + 1, spatial, *range(spatial)),
+        out_spec=tuple(range(spatial + 2)),
+    )
+    y = lax.conv_general_dilated(x, kernel, tuple(stride), pads, rhs_dilation=tuple(dilation),
+                                 dimension_numbers=numbers, feature_group_count=groups)
+    if bias is not None:
+        y = y + bias.reshape((-1,) + (1,) * spatial)
+    return y
+
+
+def conv_padding(kernel: Sequence[int], padding: Any, dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """torch's conv padding as explicit ``(low, high)`` pairs per spatial axis."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in spatial_tuple(padding, len(kernel))]
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``F.linear`` with a Flax-layout kernel ``(in, out)``."""
+    y = jnp.matmul(x, kernel)
+    return y if bias is None else y + bias

@@ -1,0 +1,623 @@
+"""jaxbn.from_torch / `python -m jaxbn port` against real torch (float64 via conftest).
+
+Tolerances of the training comparisons are derived from torch's own sensitivity: the same three
+SGD steps in torch with every weight perturbed by 1e-15 (relative) move the results by S; JAX
+must stay within 10 * S (a wrong momentum or eps is off by >= 1e-6).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxbn
+from jaxbn import porting
+from jaxbn.porting import UnsupportedError
+from jaxbn.testing import audit, check_equivalence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------- torch and JAX training runs
+
+
+def torch_steps(model, xs, ys, lr):
+    """Three SGD steps (cross-entropy) in train mode on a copy: per-step logits, final state."""
+    model = copy.deepcopy(model).train()
+    outs = []
+    for x, y in zip(xs, ys):
+        model.zero_grad()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        outs.append(out.detach().numpy())
+    return outs, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def jax_steps(module, variables, xs, ys, lr):
+    """The same steps on the translated module: per-step logits, final variables."""
+
+    @jax.jit
+    def step(v, x, y):
+        def loss(params):
+            out, updates = module.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(out)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out, updates)
+
+        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, v["params"], grads)
+        return out, {**v, **updates, "params": params}
+
+    outs = []
+    for x, y in zip(xs, ys):
+        out, variables = step(variables, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        outs.append(np.asarray(out))
+    return outs, variables
+
+
+def perturbed(model, relative=1e-15):
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + relative * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def rel_diff(a, b) -> float:
+    """max |a - b| / max(1, max |b|)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
+
+
+def compare_training(model, xs, ys, lr, ported=None):
+    """Port ``model`` (unless given), train both three steps; the diffs and torch's sensitivity."""
+    module, variables = ported or jaxbn.from_torch(model, xs[0])
+    t_out, t_state = torch_steps(model, xs, ys, lr)
+    p_out, p_state = torch_steps(perturbed(model), xs, ys, lr)
+    j_out, j_vars = jax_steps(module, variables, xs, ys, lr)
+    j_state, _ = porting.flax_to_torch(j_vars, model)
+    return dict(
+        logits=max(rel_diff(j, t) for j, t in zip(j_out, t_out)),
+        state={k: rel_diff(j_state[k], t_state[k]) for k in t_state},
+        sens_logits=max(rel_diff(p, t) for p, t in zip(p_out, t_out)),
+        sens_state=max(rel_diff(p_state[k], t_state[k]) for k in t_state),
+        counters_equal=all(np.array_equal(j_state[k], t_state[k]) for k in t_state
+                           if k.endswith("num_batches_tracked")),
+    )
+
+
+def assert_training_matches(result):
+    assert result["counters_equal"]
+    assert result["logits"] <= 10 * result["sens_logits"], result
+    worst = max(result["state"], key=result["state"].get)
+    assert result["state"][worst] <= 10 * result["sens_state"], (worst, result["state"][worst], result["sens_state"])
+
+
+def eval_diff(model, x, ported=None) -> float:
+    module, variables = ported or jaxbn.from_torch(model, x)
+    y = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, jnp.asarray(x.numpy()))
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    model.train(training)
+    return float(np.max(np.abs(np.asarray(y) - expected)))
+
+
+# ---------------------------------------------------------------- the six torchvision models
+
+_TORCHVISION_LIBRARY = []
+
+
+def import_torchvision():
+    """torchvision beside the CPU torch: PyPI's wheel is built against CUDA torch and its C ops do
+    not register, so ``import torchvision`` raises ``operator torchvision::nms does not exist``;
+    the classification models are pure Python once the two schemas exist."""
+    pytest.importorskip("PIL", reason="torchvision needs pillow (pip install -e '.[test]')")
+    if not _TORCHVISION_LIBRARY:
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_LIBRARY.append(library)  # keep the definitions alive
+    import torchvision
+
+    return torchvision
+
+
+class ExactHardsigmoid(torch.nn.Module):
+    """``hardsigmoid`` whose backward uses 1/6 in float64: torch's CPU kernel uses the float32
+    constant (~3e-8 relative), a torch quirk the JAX port does not reproduce."""
+
+    def forward(self, x):
+        return torch.nn.functional.relu6(x + 3.0) / 6.0
+
+
+MODEL_KWARGS = {
+    "resnet18": {}, "resnet50": {}, "densenet121": {},
+    "mobilenet_v2": dict(dropout=0.0), "mobilenet_v3_small": dict(dropout=0.0),
+    "efficientnet_b0": dict(dropout=0.0, stochastic_depth_prob=0.0),
+}
+
+
+def torchvision_model(name):
+    """Random init, float64, 1-D params perturbed (BN affine non-trivial), two train batches."""
+    models = import_torchvision().models
+    torch.manual_seed(0)
+    model = getattr(models, name)(num_classes=10, **MODEL_KWARGS[name]).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if n.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=F64))
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32, generator=g, dtype=F64))
+    return model
+
+
+def batches(n=3, shape=(8, 3, 32, 32), classes=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(shape, generator=g, dtype=F64) for _ in range(n)],
+            [torch.randint(0, classes, (shape[0],), generator=g) for _ in range(n)])
+
+
+@pytest.mark.parametrize("name", [
+    "resnet18",
+    pytest.param("resnet50", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+    pytest.param("densenet121", marks=pytest.mark.slow),
+])
+def test_torchvision_model_eval_and_three_sgd_steps(name):
+    model = torchvision_model(name)
+    xs, ys = batches()
+    ported = jaxbn.from_torch(model, xs[0])
+    assert eval_diff(model, xs[0], ported) <= 1e-9
+    if name == "mobilenet_v3_small":
+        for parent in model.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, torch.nn.Hardsigmoid):
+                    setattr(parent, child_name, ExactHardsigmoid())
+        ported = None  # re-port: the exact hardsigmoid is traced as relu6(x + 3) / 6
+    assert_training_matches(compare_training(model, xs, ys, lr=0.1, ported=ported))
+
+
+# ---------------------------------------------------------------- every core parameter
+
+NET_SOURCE = '''
+import torch
+
+
+class CoreNet(torch.nn.Module):
+    """Every BatchNorm core parameter a state_dict does not carry, plus the usual ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn_cumulative = torch.nn.BatchNorm2d(8, momentum=None)
+        self.bn_no_stats = torch.nn.BatchNorm2d(8, track_running_stats=False)
+        self.grouped = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4)
+        self.bn_no_affine = torch.nn.BatchNorm2d(8, affine=False, momentum=0.3)
+        self.bn_eps = torch.nn.BatchNorm2d(8)
+        self.bn_eps.eps = 1e-2                      # assigned after construction
+        self.bn_flipped = torch.nn.BatchNorm2d(8, momentum=0.01)
+        self.bn_flipped.track_running_stats = False  # buffers exist, no longer used in training
+        self.bn_unflipped = torch.nn.BatchNorm2d(8, track_running_stats=False)
+        self.bn_unflipped.track_running_stats = True  # no buffers: batch statistics always
+        self.sync = torch.nn.SyncBatchNorm(8, eps=1e-3, momentum=0.2)
+        self.inorm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.pool = torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.se = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(8, 4, 1),
+                                      torch.nn.SiLU(), torch.nn.Conv2d(4, 8, 1), torch.nn.Hardswish())
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6, eps=1e-3, momentum=0.05))
+        self.out = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.bn_cumulative(self.conv(x))
+        x = torch.relu(self.bn_no_stats(x))
+        x = self.bn_no_affine(self.grouped(x))
+        x = self.bn_unflipped(self.bn_flipped(self.bn_eps(x)))
+        x = torch.nn.functional.hardswish(self.inorm(self.sync(x)))
+        b, c, h, w = x.size()                       # channel shuffle
+        x = torch.transpose(x.view(b, 2, c // 2, h, w), 1, 2).contiguous().view(b, -1, h, w)
+        a, z = x.chunk(2, dim=1)
+        x = torch.cat([z, a], 1) * self.se(x)
+        x = self.pool(x).mean((2, 3))
+        return self.out(torch.flatten(self.head(x), 1))
+
+
+def build():
+    torch.manual_seed(0)
+    net = CoreNet().double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        net.train()
+        for _ in range(2):
+            net(torch.randn(8, 3, 12, 12, generator=g, dtype=torch.float64))
+    return net
+'''
+
+
+@pytest.fixture(scope="module")
+def core_net(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corenet")
+    (directory / "corenet.py").write_text(NET_SOURCE)
+    sys.path.insert(0, str(directory))
+    try:
+        import corenet
+    finally:
+        sys.path.remove(str(directory))
+    return directory, corenet.build()
+
+
+def test_core_parameters_are_carried_layer_by_layer(core_net):
+    _, net = core_net
+    module, variables = jaxbn.from_torch(net, torch.zeros(2, 3, 12, 12, dtype=F64))
+    layers = {layer.torch_path: layer for _, layer in _layers(module.block)}
+    for path, s in porting.norm_settings(net).items():
+        kwargs = dict(layers[path].kwargs)
+        assert (kwargs["eps"], kwargs["momentum"], kwargs["affine"], kwargs["track_running_stats"]) == (
+            s.eps, s.momentum, s.affine, s.has_buffers), path
+        assert dict(layers[path].call_kwargs).get("track_running_stats", s.has_buffers) == s.track_running_stats
+    settings = porting.norm_settings(net)
+    assert settings["bn_cumulative"].momentum is None and settings["bn_eps"].eps == 1e-2
+    assert settings["bn_flipped"].has_buffers and not settings["bn_flipped"].track_running_stats
+    assert not settings["bn_unflipped"].has_buffers and settings["bn_unflipped"].track_running_stats
+    assert settings["sync"].torch_type == "SyncBatchNorm" and settings["inorm"].family == "InstanceNorm"
+
+
+def _layers(block, prefix=()):
+    for name, child in block.children:
+        if isinstance(child, porting.translate.Block):
+            yield from _layers(child, prefix + (name,))
+        else:
+            yield prefix + (name,), child
+
+
+def test_core_net_eval_and_training_match_torch(core_net):
+    _, net = core_net
+    xs, ys = batches(shape=(8, 3, 12, 12), classes=5)
+    assert eval_diff(net, xs[0]) <= 1e-12
+    assert_training_matches(compare_training(net, xs, ys, lr=0.2))
+
+
+def test_round_trip_to_torch_is_bit_exact(core_net):
+    _, net = core_net
+    _, variables = jaxbn.from_torch(net, torch.zeros(2, 3, 12, 12, dtype=F64))
+    state, _ = porting.flax_to_torch(variables, net, as_torch=True)
+    # torch's BatchNorm._load_from_state_dict adds num_batches_tracked to a state_dict without
+    # version metadata when the layer tracks statistics now but was built without buffers
+    # (bn_unflipped): give the loaded dict the model's metadata, as net.state_dict() has.
+    state = collections.OrderedDict(state)
+    state._metadata = net.state_dict()._metadata
+    fresh = copy.deepcopy(net)
+    for p in fresh.state_dict().values():
+        p.zero_()
+    fresh.load_state_dict(state, strict=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_channels_last_takes_nhwc(core_net):
+    _, net = core_net
+    x = torch.randn(4, 3, 12, 12, dtype=F64)
+    module, variables = jaxbn.from_torch(net, x)
+    nhwc, nhwc_variables = jaxbn.from_torch(net, x, channels_last=True)
+    x = jnp.asarray(x.numpy())
+    y, _ = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    y_last, _ = nhwc.apply(nhwc_variables, jnp.moveaxis(x, 1, -1), train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y_last), np.asarray(y), rtol=0, atol=1e-12)
+
+
+def test_port_cli_emits_a_torch_free_model_with_the_same_outputs(core_net, tmp_path):
+    directory, net = core_net
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(directory)]))
+    run = subprocess.run(
+        [sys.executable, "-m", "jaxbn", "port", "corenet:build", "--input-shape", "2,3,12,12",
+         "--checkpoint", str(tmp_path / "model.pt"), "--emit", "model_flax.py", "--out", "variables.msgpack"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    source = (tmp_path / "model_flax.py").read_text()
+    assert "class Model(nn.Module)" in source
+    assert not any(line.startswith(("import torch", "from torch ", "from torch.")) for line in source.splitlines())
+    assert "BatchNorm(num_features=8, eps=0.01, momentum=0.1," in source  # eps assigned after construction
+    assert "momentum=None" in source and "track_running_stats=False)" in source
+
+    x = np.random.default_rng(0).normal(size=(4, 3, 12, 12))
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None           # the emitted model must not need torch
+        import jax, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from jaxbn import porting
+        from model_flax import Model
+        x = np.load("x.npy")
+        target = porting.target_from_module(Model(), x, train=False)
+        variables, _ = porting.load_variables("variables.msgpack", target)
+        y_eval = Model().apply(variables, x, train=False)
+        y_train, updates = Model().apply(variables, x, train=True, mutable=["batch_stats"])
+        np.savez("out.npz", eval=y_eval, train=y_train,
+                 mean=updates["batch_stats"]["head_1"]["running_mean"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    emitted = np.load(tmp_path / "out.npz")
+
+    module, variables = jaxbn.from_torch(net, torch.zeros(2, 3, 12, 12, dtype=F64))
+    y_eval = module.apply(variables, jnp.asarray(x), train=False)
+    y_train, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(emitted["eval"], np.asarray(y_eval))
+    np.testing.assert_array_equal(emitted["train"], np.asarray(y_train))
+    np.testing.assert_array_equal(emitted["mean"], np.asarray(updates["batch_stats"]["head_1"]["running_mean"]))
+    net.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(emitted["eval"], net(torch.from_numpy(x)).numpy(), rtol=0, atol=1e-12)
+    net.train()
+
+
+# ---------------------------------------------------------------- layers against torch
+
+
+class Pools(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.reflect = torch.nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect")
+        self.same = torch.nn.Conv2d(6, 6, 4, padding="same", dilation=2, groups=3)
+        self.max_ceil = torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.avg = torch.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        self.avg_incl = torch.nn.AvgPool2d(2, stride=2, padding=1, ceil_mode=True)
+        self.avg_div = torch.nn.AvgPool2d(2, divisor_override=3)
+        self.adaptive = torch.nn.AdaptiveAvgPool2d((3, None))
+        self.adaptive_max = torch.nn.AdaptiveMaxPool2d(2)
+        self.drop = torch.nn.Dropout(0.3)
+        self.conv1d = torch.nn.Conv1d(6, 4, 3, stride=2)
+        self.bn1d = torch.nn.BatchNorm1d(4)
+        self.pool1d = torch.nn.AvgPool1d(2)
+
+    def forward(self, x):
+        x = self.drop(self.same(self.reflect(x)))
+        a = self.max_ceil(x) + self.avg(x)
+        b = self.avg_incl(x)[:, :, :3, :4] + self.avg_div(x)[..., :3, :4]
+        c = torch.nn.functional.max_pool2d(x, 2, ceil_mode=True)
+        d = torch.nn.functional.adaptive_avg_pool2d(x, (3, 7))
+        e = self.adaptive_max(x)
+        f = self.pool1d(self.bn1d(self.conv1d(x.mean(3))))
+        parts = [a, b, c, d, e, f, self.adaptive(x)]
+        return torch.cat([p.flatten(1) for p in parts], 1)
+
+
+@pytest.mark.parametrize("size", [7, 9])
+def test_convs_and_pools_match_torch_exactly(size):
+    torch.manual_seed(size)
+    net = Pools().double().eval()
+    x = torch.randn(2, 3, size, size + 2, dtype=F64)
+    module, variables = jaxbn.from_torch(net, x)
+    y = module.apply(variables, jnp.asarray(x.numpy()), train=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(y), net(x).numpy(), rtol=0, atol=1e-13)
+
+
+def test_dropout_draws_from_the_dropout_rng_in_training():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Dropout(0.5)).double()
+    module, variables = jaxbn.from_torch(net, torch.zeros(3, 4, dtype=F64))
+    x = jnp.ones((3, 4))
+    np.testing.assert_array_equal(module.apply(variables, x, train=False), module.apply(variables, x))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['trian'\]"):
+        module.apply(variables, x, trian=True)
+    with pytest.raises(Exception, match="dropout"):
+        module.apply(variables, x, train=True)
+    y = module.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    zeros = float(jnp.mean(y == 0))
+    assert 0.3 < zeros < 0.7
+    kept = np.asarray(y != 0)
+    np.testing.assert_allclose(np.asarray(y)[kept], 2 * np.asarray(module.apply(variables, x))[kept])
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_unsupported_module_is_named_with_its_type():
+    class WithRNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(3, 4, 1)
+            self.rnn = torch.nn.LSTM(4, 4)
+
+        def forward(self, x):
+            return self.rnn(self.conv(x).transpose(1, 2))[0]
+
+    with pytest.raises(UnsupportedError, match=r"^rnn \(torch\.nn\.LSTM\) is not supported$"):
+        jaxbn.from_torch(WithRNN(), torch.zeros(1, 3, 5))
+
+
+def test_unsupported_operation_and_direct_parameter_are_named():
+    class Cumsum(torch.nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, 1)
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.gain
+
+    with pytest.raises(UnsupportedError, match=r"the model \(.*Cumsum\): the operation torch\.cumsum is not supported"):
+        jaxbn.from_torch(Cumsum(), torch.zeros(1, 3))
+    with pytest.raises(UnsupportedError, match=r"block\.gain: a parameter or buffer used directly"):
+        jaxbn.from_torch(_Holder(Scale()), torch.zeros(1, 3))
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_forward_branching_on_training_is_refused():
+    class Aux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) * 2 if self.training else self.fc(x)
+
+    with pytest.raises(UnsupportedError, match=r"^head \(.*Aux\): its forward runs different operations in train and eval"):
+        jaxbn.from_torch(_Named(head=Aux()), torch.zeros(1, 3))
+
+
+class _Named(torch.nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x):
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def test_import_jaxbn_does_not_import_torch():
+    code = "import sys, jaxbn; jaxbn.from_torch; import jaxbn.porting; assert 'torch' not in sys.modules"
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+# ---------------------------------------------------------------- audit of hand-written twins
+
+
+def test_audit_names_every_core_parameter_mismatch_before_any_numbers():
+    import flax.linen as nn
+
+    import jaxbn.linen as jl
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.01)    # MobileNetV3's
+            self.head = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=None))
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    class Twin(nn.Module):  # written with torch's defaults
+        flax_head: bool = True
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = jl.BatchNorm(axis=1, name="bn", param_dtype=jnp.float64)(
+                porting.torch_nn.Conv(3, 4, (3, 3), padding=1, name="conv", param_dtype=jnp.float64)(x), train=train)
+            x = nn.Dense(3, name="head_0", param_dtype=jnp.float64)(x.mean((2, 3)))
+            if self.flax_head:
+                return nn.BatchNorm(momentum=0.9, name="head_1", param_dtype=jnp.float64)(x, use_running_average=not train)
+            return jl.BatchNorm(name="head_1", param_dtype=jnp.float64)(x, train=train)
+
+    net = Torch().double()
+    x = np.random.default_rng(0).normal(size=(4, 3, 5, 5))
+    module = Twin()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    mismatches = audit.norm_mismatches(net, module, variables, x, train=False)
+    assert mismatches == [
+        "bn: eps: torch 0.001, Flax 1e-05",
+        "bn: momentum: torch 0.01, Flax 0.1",
+        "head.1: momentum: torch None, Flax 0.09999999999999998 (flax.linen.BatchNorm)",
+    ]
+    ported, ported_variables = jaxbn.from_torch(net, torch.zeros(2, 3, 5, 5, dtype=F64))
+    assert audit.norm_mismatches(net, ported, ported_variables, x, train=False) == []
+
+    report = check_equivalence(net, Twin(flax_head=False), None, [x], steps=1, modes=("eval",))
+    assert not report.ok and report.settings == mismatches[:2] + ["head.1: momentum: torch None, Flax 0.1"]
+    lines = str(report).splitlines()
+    assert lines[1:4] == [f"norm settings differ: {m}" for m in report.settings]
+    assert "eval  step 1" in lines[4]
+
+
+def test_porting_doc_one_call_example_runs(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(ROOT) / "docs" / "porting.md").read_text()
+    section = doc.split("## The one-call port", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    run = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "<All keys matched successfully>"
+
+
+class NormVariants(torch.nn.Module):
+    """BatchNorm1d/3d, a materialized lazy BatchNorm, InstanceNorm1d/3d, functional dropout p=0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+        self.bn3d = torch.nn.BatchNorm3d(4, momentum=0.2)
+        self.lazy = torch.nn.LazyBatchNorm3d(eps=1e-4, momentum=None)
+        self.in3d = torch.nn.InstanceNorm3d(4, affine=True)
+        self.in1d = torch.nn.InstanceNorm1d(4, track_running_stats=True, momentum=0.3)
+        self.bn1d = torch.nn.BatchNorm1d(4, affine=False)
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.in3d(self.lazy(self.bn3d(self.conv(x))))
+        x = self.bn1d(self.in1d(x.flatten(2)))
+        return self.out(torch.nn.functional.dropout(x.mean(2), p=0.0, training=self.training))
+
+
+def test_norm_variants_and_lazy_modules():
+    torch.manual_seed(0)
+    net = NormVariants().double()
+    with pytest.raises(UnsupportedError, match=r"^lazy \(torch\.nn\.LazyBatchNorm3d\) has not been materialized"):
+        jaxbn.from_torch(net, torch.zeros(2, 2, 3, 3, 3, dtype=F64))
+    with torch.no_grad():
+        net(torch.randn(8, 2, 3, 3, 3, dtype=F64))  # materializes the lazy layer, moves the statistics
+    assert type(net.lazy) is torch.nn.BatchNorm3d and porting.norm_settings(net)["lazy"].momentum is None
+    xs, ys = batches(shape=(8, 2, 3, 3, 3), classes=3)
+    assert eval_diff(net, xs[0]) <= 1e-12
+    assert_training_matches(compare_training(net, xs, ys, lr=0.2))
+
+
+def test_stochastic_depth_draws_whole_rows():
+    ops = import_torchvision().ops
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), ops.StochasticDepth(0.5, "row")).double()
+    module, variables = jaxbn.from_torch(net, torch.zeros(64, 4, dtype=F64))
+    x = jnp.ones((64, 4))
+    plain = module.apply(variables, x, train=False)
+    net.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(plain), net(torch.ones(64, 4, dtype=F64)).numpy(), rtol=0, atol=1e-14)
+    y = np.asarray(module.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    dropped = np.all(y == 0, axis=1)
+    assert 10 < dropped.sum() < 54
+    np.testing.assert_allclose(y[~dropped], 2 * np.asarray(plain)[~dropped])
