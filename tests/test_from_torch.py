@@ -7,7 +7,6 @@ must stay within 10 * S (a wrong momentum or eps is off by >= 1e-6).
 
 from __future__ import annotations
 
-import collections
 import copy
 import os
 import re
@@ -129,7 +128,7 @@ def import_torchvision():
     """torchvision beside the CPU torch: PyPI's wheel is built against CUDA torch and its C ops do
     not register, so ``import torchvision`` raises ``operator torchvision::nms does not exist``;
     the classification models are pure Python once the two schemas exist."""
-    pytest.importorskip("PIL", reason="torchvision needs pillow (pip install -e '.[test]')")
+    # torchvision and its pillow are test dependencies (the `test` extra): missing is a failure.
     if not _TORCHVISION_LIBRARY:
         library = torch.library.Library("torchvision", "FRAGMENT")
         for op in ("nms", "qnms"):
@@ -304,12 +303,9 @@ def test_core_net_eval_and_training_match_torch(core_net):
 def test_round_trip_to_torch_is_bit_exact(core_net):
     _, net = core_net
     _, variables = jaxbn.from_torch(net, torch.zeros(2, 3, 12, 12, dtype=F64))
+    # flax_to_torch keeps the model's version metadata: without it torch's BatchNorm adds
+    # num_batches_tracked to a layer built without buffers that tracks now (bn_unflipped).
     state, _ = porting.flax_to_torch(variables, net, as_torch=True)
-    # torch's BatchNorm._load_from_state_dict adds num_batches_tracked to a state_dict without
-    # version metadata when the layer tracks statistics now but was built without buffers
-    # (bn_unflipped): give the loaded dict the model's metadata, as net.state_dict() has.
-    state = collections.OrderedDict(state)
-    state._metadata = net.state_dict()._metadata
     fresh = copy.deepcopy(net)
     for p in fresh.state_dict().values():
         p.zero_()

@@ -36,6 +36,8 @@ is off) and are refused if the value does not fit.
 
 from __future__ import annotations
 
+import collections
+from copy import deepcopy
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -436,6 +438,10 @@ def flax_to_torch(
     """
     if hasattr(torch_target, "state_dict") and callable(torch_target.state_dict):
         torch_target = torch_target.state_dict()
+    # torch's per-module version metadata travels with a state_dict: without it BatchNorm's
+    # _load_from_state_dict treats the dict as version 1 and adds num_batches_tracked to a layer
+    # built without buffers whose track_running_stats was set later (strict loading then fails).
+    metadata = getattr(torch_target, "_metadata", None)
     targets = {k: as_numpy(v) for k, v in torch_target.items()}
     flax_flat = {p: np.asarray(v) for p, v in flatten_tree(variables).items()}
     plan = _plan({k: a.shape for k, a in targets.items()}, flax_flat, rules)
@@ -455,6 +461,9 @@ def flax_to_torch(
         raise PortingError(report, "Flax variables into a torch state_dict")
     if as_torch:
         out = {k: numpy_to_tensor(v) for k, v in out.items()}
+    if metadata is not None:
+        out = collections.OrderedDict(out)
+        out._metadata = deepcopy(metadata)
     return out, report
 
 
