@@ -119,6 +119,18 @@ MALLOC_TUNABLES = {
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def prepare_cpu_process(default_malloc: bool = False) -> None:
+    """Set up this process for CPU timing: JAX on the CPU, torch's OpenMP waiting passively, and
+    (unless ``default_malloc``) re-execute the script with :data:`MALLOC_TUNABLES` in force --
+    glibc reads them only at start-up."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for key, value in OMP_ENV.items():
+        os.environ.setdefault(key, value)
+    if not default_malloc and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
+        env = dict(os.environ, JAXBN_BENCH_MALLOC="1", **MALLOC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
@@ -627,15 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave room for torch
     else:
-        for key, value in OMP_ENV.items():
-            os.environ.setdefault(key, value)
-        if not args.default_malloc and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
-            env = dict(os.environ, JAXBN_BENCH_MALLOC="1", **MALLOC_TUNABLES)
-            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        prepare_cpu_process(args.default_malloc)
 
     device = "cuda" if args.gpu else "cpu"
-    if not args.gpu:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
     cases = QUICK if args.quick else FULL + (GPU_EXTRA if args.gpu else [])

@@ -1,21 +1,26 @@
 """Formulation experiment behind benchmarks/NOTES.md: how should the statistics be reduced?
 
-Times jaxbn's jitted train step (see run.py) with the batch statistics computed three ways, by
-swapping ``jaxbn.functional.kernel.moments`` (the library keeps only the first):
+Times jaxbn's jitted train step (see run.py) with the batch statistics computed several ways, by
+swapping ``jaxbn.functional.kernel.moments`` (the library keeps only the first), and measures
+each one's float32 accuracy against float64 on hard data (``--accuracy``):
 
 * ``two-pass, views``   -- the library: shifted sum, then squared deviations from the mean, each
   reduction reading ``x`` through its own view (distinct broadcasts for XLA:CPU);
 * ``two-pass, natural`` -- the same math on the input's own shape (broadcasts shared);
 * ``one-pass shifted``  -- ``sum(x - s)`` and ``sum((x - s)**2)`` as sibling reductions (one read
-  if the compiler fuses siblings, as XLA:GPU does), ``m2 = S2 - S1**2 / n``.
+  if the compiler fuses siblings, as XLA:GPU does), ``m2 = S2 - S1**2 / n``, ``s`` the first
+  element of each channel;
+* ``one-pass, views, row shift`` -- the same with views and ``s`` the mean of the first row;
+* ``one-pass, per-row shifts`` -- sibling sums per (row, channel) about that row's first element,
+  merged exactly over the rows (Chan): one read where siblings fuse, robust to a far shift in
+  one row only.
 
-Run: ``python benchmarks/variants.py [--gpu]``.
+Run: ``python benchmarks/variants.py [--gpu] [--accuracy]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -43,6 +48,63 @@ def two_pass(x, sums, sites):
     return Moments(count, mean, m2 - count * jnp.square(mean_lo), mean_lo)
 
 
+def row_shift(x, sums, dtype):
+    """The mean of the first row (everything but the channels of ``x[0]``): no mask, no axis_name."""
+    import jax.numpy as jnp
+
+    lay = sums.layout
+    axes = tuple(a for a in range(x.ndim - 1) if a != lay.feature_axis - 1)
+    return jnp.mean(x[0].astype(dtype), axis=axes)
+
+
+def one_pass_views(x, sums):
+    """Sibling shifted sums, each through its own view, shift = mean of the first row."""
+    import jax.numpy as jnp
+
+    from jaxbn.functional.reductions import Moments, Site, stats_dtype
+
+    dtype = stats_dtype(x.dtype)
+    count, shift = sums.count(dtype), row_shift(x, sums, dtype)
+    s1 = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN)
+    s2 = sums.sum(lambda x, s: jnp.square(x.astype(dtype) - s), (x,), (shift,), site=Site.M2)
+    offset = s1 / count
+    mean = shift + offset
+    return Moments(count, mean, jnp.maximum(s2 - s1 * offset, 0), (shift - mean) + offset)
+
+
+def one_pass_row_shifts(x, sums):
+    """One read with a shift per (row, channel): the first element of each row's channel.
+
+    Sibling sums ``S1[n, c] = sum(x - s[n, c])``, ``S2[n, c] = sum((x - s[n, c])**2)`` over the
+    axes between and after (the blocks' M and P), then an exact Chan merge of the rows' moments:
+    ``m2 = sum_n (S2 - S1**2 / k) + k * sum_n (t_n - offset)**2`` with ``t_n`` each row's mean
+    relative to row 0's shift. No mask, no axis_name (an experiment).
+    """
+    import jax.numpy as jnp
+
+    from jaxbn.functional.reductions import Moments, stats_dtype
+
+    dtype = stats_dtype(x.dtype)
+    lay = sums.layout
+    blocks = lay.blocks
+    xb = x.reshape(blocks).astype(dtype)
+    first = (slice(None), 0, slice(None)) + ((0,) if len(blocks) == 4 else ())
+    shift = xb[first]  # (N, C): plain data elements
+    s_b = shift[:, None, :, None] if len(blocks) == 4 else shift[:, None, :]
+    axes = (1, 3) if len(blocks) == 4 else (1,)
+    d = xb - s_b
+    s1 = jnp.sum(d, axis=axes)
+    s2 = jnp.sum(d * d, axis=axes)
+    k = x.size // (blocks[0] * blocks[2])
+    count = blocks[0] * k
+    ds = shift - shift[0]
+    t = ds + s1 / k  # each row's mean minus row 0's shift
+    offset = jnp.sum(s1 + k * ds, axis=0) / count
+    mean = shift[0] + offset
+    m2 = jnp.sum(s2 - s1 * (s1 / k), axis=0) + k * jnp.sum(jnp.square(t - offset), axis=0)
+    return Moments(count, mean, jnp.maximum(m2, 0), (shift[0] - mean) + offset)
+
+
 def one_pass_shifted(x, sums):
     import jax.numpy as jnp
 
@@ -57,14 +119,67 @@ def one_pass_shifted(x, sums):
     return Moments(count, mean, s2 - s1 * offset, (shift - mean) + offset)
 
 
+def accuracy_cases(rng):
+    """(name, float32 input, feature axis): large means, and shifts far from the data."""
+    normal = rng.standard_normal
+    yield "mean 1e4, NHWC", 1e4 + normal((32, 28, 28, 64)), -1
+    yield "mean 1e5, NHWC", 1e5 + normal((32, 28, 28, 64)), -1
+    yield "mean 1e4, NCHW", 1e4 + normal((32, 64, 28, 28)), 1
+    yield "mean 1e4, 256×1024", 1e4 + normal((256, 1024)), 1
+    a = 1e4 + normal((32, 28, 28, 64))
+    a[:, 0, 0, :] += 30
+    yield "mean 1e4, each image's first pixel +30σ, NHWC", a, -1
+    a = 1e4 + normal((32, 28, 28, 64))
+    a[:16] += 100
+    yield "mean 1e4, half the images +100σ, NHWC", a, -1
+    a = normal((32, 28, 28, 64))
+    a[0] += 1e3
+    yield "first image +1e3σ, NHWC", a, -1
+    a = 1e4 + normal((256, 1024))
+    a[0] += 30
+    yield "mean 1e4, first row +30σ, 256×1024", a, 1
+
+
+def accuracy(variants: dict) -> None:
+    """Max |y - y_float64| and max relative error of the unbiased variance, per variant."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxbn
+    import jaxbn.functional.kernel
+
+    library = jaxbn.functional.kernel.moments
+    print("max abs error of y | max relative error of the variance (float32 vs float64)")
+    print("| data | " + " | ".join(variants) + " |")
+    print("|---|" + "---:|" * len(variants))
+    for name, x64, axis in accuracy_cases(np.random.default_rng(0)):
+        x = x64.astype(np.float32)
+        x64 = x.astype(np.float64)
+        axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+        mean, var = x64.mean(axes, keepdims=True), x64.var(axes, keepdims=True)
+        y_ref = (x64 - mean) / np.sqrt(var + 1e-5)
+        cells = []
+        for impl in variants.values():
+            jaxbn.functional.kernel.moments = impl
+            flags = jaxbn.BatchNormFlags(axis=axis, momentum=1.0)
+            layer = jax.jit(lambda x, f=flags: jaxbn.batch_norm(x, jaxbn.init_state(x.shape[axis]), None, f))
+            y, state = layer(jnp.asarray(x))
+            y_err = np.abs(np.asarray(y, np.float64) - y_ref).max()
+            v_err = np.abs(np.asarray(state.running_var, np.float64) / x64.var(axes, ddof=1) - 1).max()
+            cells.append(f"{y_err:.1e} / {v_err:.1e}")
+        jaxbn.functional.kernel.moments = library
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--accuracy", action="store_true", help="the accuracy table instead")
     args = parser.parse_args()
-    if not args.gpu and os.environ.get("JAXBN_BENCH_MALLOC") != "1":
-        env = dict(os.environ, JAXBN_BENCH_MALLOC="1", JAX_PLATFORMS="cpu", **bench.MALLOC_TUNABLES)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if not args.gpu:
+        bench.prepare_cpu_process()
     import jax
 
     import jaxbn.functional.kernel
@@ -74,8 +189,12 @@ def main() -> None:
         "two-pass, views": library,
         "two-pass, natural": natural_two_pass,
         "one-pass shifted": one_pass_shifted,
+        "one-pass, views, row shift": one_pass_views,
+        "one-pass, per-row shifts": one_pass_row_shifts,
     }
-    cases = [bench.FULL[1], bench.FULL[5]] + (bench.GPU_EXTRA if args.gpu else [])
+    if args.accuracy:
+        return accuracy(variants)
+    cases = [bench.FULL[0], bench.FULL[1], bench.FULL[5]] + (bench.GPU_EXTRA if args.gpu else [])
     device = "cuda" if args.gpu else "cpu"
     print(f"devices: {jax.devices()}")
     print("| shape | layout | " + " | ".join(variants) + " | floor |")

@@ -1,0 +1,61 @@
+"""benchmarks/step.py compares like with like: one ResNet-18 with each norm, and torch's."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_step():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("step_benchmark", ROOT / "benchmarks" / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules are dataclasses: their module must be known
+    spec.loader.exec_module(module)
+    return module
+
+
+step = load_step()
+
+
+def param_count(norm: str) -> int:
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: step.resnet18(norm, jnp.float32).init(
+        jax.random.key(0), x, train=False), x)
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+
+
+def test_every_norm_builds_torchs_resnet18():
+    torch_model = step.torch_resnet18()
+    torch_params = sum(p.numel() for p in torch_model.parameters())
+    torch_norm_params = sum(
+        p.numel() for m in torch_model.modules() if m.__class__.__name__ == "BatchNorm2d"
+        for p in m.parameters()
+    )
+    assert {norm: param_count(norm) for norm in ("jaxbn", "flax", "flax accurate")} == dict.fromkeys(
+        ("jaxbn", "flax", "flax accurate"), torch_params)
+    assert param_count("no norm") == torch_params - torch_norm_params
+
+
+def test_unknown_norm_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="no norm"):
+        step.make_norm("layernorm", jnp.float32)
+
+
+@pytest.mark.slow
+def test_jaxbn_and_flax_networks_compute_the_same_training_forward():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+    outputs = []
+    for norm in ("jaxbn", "flax"):
+        model = step.resnet18(norm, jnp.float32)
+        variables = model.init(jax.random.key(0), x, train=False)  # same conv/dense init per path
+        logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, x)
+        outputs.append(np.asarray(logits))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-3, atol=1e-3)
