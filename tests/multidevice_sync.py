@@ -7,7 +7,7 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Run it b
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice_sync.py
 
 Every comparison is against real torch BatchNorm on the concatenation of the devices' valid
-rows (:func:`jaxbn.torch_oracle.vjp`, which with a mask also gives the padded rows' torch
+rows (:func:`jaxbn.testing.oracle.vjp`, which with a mask also gives the padded rows' torch
 outputs and gradients): outputs, running statistics, counter, dx, dweight, dbias.
 """
 

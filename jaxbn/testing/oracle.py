@@ -18,7 +18,7 @@ from ..porting.tensors import BFLOAT16, numpy_to_tensor, tensor_to_numpy
 try:
     import torch
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("jaxbn.torch_oracle needs PyTorch: pip install 'jaxbn[torch]'") from e
+    raise ImportError("jaxbn.testing.oracle needs PyTorch: pip install 'jaxbn[torch]'") from e
 
 _SUFFIXES = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
 
