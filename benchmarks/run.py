@@ -119,6 +119,22 @@ MALLOC_TUNABLES = {
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def prepare_torch(device: str, wanted: bool = True) -> bool:
+    """Whether torch runs as a reference contender on ``device`` ("cpu" or "gpu"), set up for it:
+    all cores on the CPU, cuDNN autotuning on the GPU (which needs a CUDA build of torch)."""
+    if not wanted:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+        return True
+    torch.backends.cudnn.benchmark = True
+    return torch.cuda.is_available()
+
+
 def prepare_cpu_process(default_malloc: bool = False) -> None:
     """Set up this process for CPU timing: JAX on the CPU, torch's OpenMP waiting passively, and
     (unless ``default_malloc``) re-execute the script with :data:`MALLOC_TUNABLES` in force --
@@ -646,17 +662,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cases = QUICK if args.quick else FULL + (GPU_EXTRA if args.gpu else [])
     rounds = args.rounds or (15 if args.quick else 40)
-    torch_ok = not args.no_torch
-    if torch_ok:
-        try:
-            import torch
-
-            if device == "cpu":
-                torch.set_num_threads(os.cpu_count() or 1)
-            else:
-                torch.backends.cudnn.benchmark = True
-        except ImportError:
-            torch_ok = False
+    torch_ok = prepare_torch(device, wanted=not args.no_torch)
     print(f"devices: {jax.devices()}", flush=True)
 
     # Every case's contenders are built first; then blocks of rounds sweep over all cases, so

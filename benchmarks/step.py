@@ -294,18 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     image = args.image or (128 if args.gpu else 96)
     dtypes = args.dtype or (["bfloat16", "float32"] if args.gpu else ["float32"])
     rounds = args.rounds or (30 if args.gpu else 15)
-    torch_ok = not args.no_torch
-    if torch_ok:
-        try:
-            import torch
-
-            torch_ok = device == "cpu" or torch.cuda.is_available()
-            if device == "cpu":
-                torch.set_num_threads(os.cpu_count() or 1)
-            else:
-                torch.backends.cudnn.benchmark = True
-        except ImportError:
-            torch_ok = False
+    torch_ok = bench.prepare_torch(device, wanted=not args.no_torch)
     print(f"devices: {jax.devices()}", flush=True)
     results = []
     for dtype_name in dtypes:
