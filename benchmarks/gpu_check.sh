@@ -1,13 +1,37 @@
 #!/usr/bin/env bash
-# The device check of issue 13 as one prepared script, for a session lent a CUDA machine:
-# the whole-step table, the layer table and the statistics formulations, each written to
-# ${OUT:-benchmarks/gpu_out}/ (commit the tables with the machine named in them).
-set -euo pipefail
+# The device check of issue 13 as one prepared script, for a session lent a CUDA machine. Each
+# part has its own time limit and runs even if an earlier one failed; everything lands in
+# ${OUT:-benchmarks/gpu_out}/ (six files: log.txt, the tables, the steps' optimized HLO):
+#   1. tests/test_gpu_moments.py on the GPU (the compiled Triton kernel, not the interpreter);
+#   2. the whole ResNet-18 step (step.py --gpu), with the kernel on and off;
+#   3. the statistics alone: XLA two-pass vs the one-read kernel's tilings (variants.py);
+#   4. the layer table (run.py --gpu);
+#   5. the float32 accuracy table with the compiled kernel (variants.py --accuracy).
+# Commit the tables with the machine named in them.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python}
+python=${PYTHON:-python3}
 out=${OUT:-benchmarks/gpu_out}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" || true
-"$python" benchmarks/step.py --gpu --rounds 20 --out "$out/results_step_gpu.md"
-"$python" benchmarks/run.py --gpu --rounds 20 --out "$out/results_gpu.md"
-"$python" benchmarks/variants.py --gpu --rounds 30 > "$out/variants_gpu.md"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+log="$out/log.txt"
+part() {  # part SECONDS NAME COMMAND...: run with a time limit, log its output and how it ended
+  local seconds=$1 name=$2 start=$SECONDS
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))" >> "$log"
+  timeout "$seconds" "$@" >> "$log" 2>&1
+  echo -e "\n=== $name: exit $?, $((SECONDS - start)) s" >> "$log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log" 2>&1
+"$python" -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__,
+'torch', torch.__version__, jax.devices())" >> "$log" 2>&1
+part 60 tests "$python" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_moments.py
+part 170 step "$python" benchmarks/step.py --gpu --rounds 20 --compiles 1 \
+  --hlo-dir "$out/hlo" --out "$out/results_step_gpu.md"
+[ -d "$out/hlo" ] && tar czf "$out/hlo.tar.gz" -C "$out" hlo && rm -rf "$out/hlo"
+part 100 statistics sh -c "'$python' benchmarks/variants.py --gpu --statistics --rounds 10 \
+  > '$out/statistics_gpu.md'"
+part 90 layers "$python" benchmarks/run.py --gpu --rounds 20 --out "$out/results_gpu.md"
+part 30 accuracy sh -c "'$python' benchmarks/variants.py --gpu --accuracy > '$out/accuracy_gpu.md'"
+echo "=== done ($(date -u +%H:%M:%S))" >> "$log"

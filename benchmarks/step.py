@@ -52,6 +52,7 @@ import run as bench  # noqa: E402
 NUM_CLASSES = 1000
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of the first block)
 NORMS = ("jaxbn", "flax", "flax accurate", "no norm")
+GPU_NORMS = ("jaxbn", "jaxbn two-pass", "flax", "flax accurate", "no norm")
 LR, MOMENTUM = 0.1, 0.9
 
 
@@ -69,13 +70,23 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
     if kind == "jaxbn":
         layer = jaxbn.linen.BatchNorm(dtype=dtype)
         return lambda x, train: layer(x, train=train)
+    if kind == "jaxbn two-pass":  # the library with its GPU statistics kernel off
+        from jaxbn.functional import gpu_moments
+
+        layer = jaxbn.linen.BatchNorm(dtype=dtype)
+
+        def two_pass(x, train):
+            with gpu_moments.disabled():
+                return layer(x, train=train)
+
+        return two_pass
     if kind in ("flax", "flax accurate"):
         layer = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype,
                              use_fast_variance=kind == "flax")
         return lambda x, train: layer(x, use_running_average=not train)
     if kind == "no norm":
         return lambda x, train: x
-    raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+    raise ValueError(f"unknown norm {kind!r}; choose one of {GPU_NORMS}")
 
 
 def resnet18(norm: str, dtype: Any):
@@ -121,7 +132,9 @@ def resnet18(norm: str, dtype: Any):
 
 
 def jax_step(norm: str, dtype: Any, images: np.ndarray, labels: np.ndarray):
-    """``(step, state)``: a jitted, buffer-donating ``state = step(state)`` on fixed data."""
+    """``(run, compile_seconds, hlo, recompile)``: ``run()`` steps a buffer-donating compiled
+    ``state = step(state)`` on fixed data; compiling it took ``compile_seconds`` (trace, lower,
+    compile), ``hlo`` is its optimized HLO; ``recompile()`` times a fresh compile of the step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -144,21 +157,22 @@ def jax_step(norm: str, dtype: Any, images: np.ndarray, labels: np.ndarray):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
     state = [params, stats, tx.init(params)]
 
-    def run():
-        state[:] = jitted(*state, x, y)[:3]  # the donated buffers are replaced
-        return state
-
-    def compile_seconds() -> float:
+    def compile_fresh():
         """Trace + lower + compile of a fresh function (jit caches by function identity)."""
         fresh = jax.jit(lambda *a: step(*a), donate_argnums=(0, 1, 2))
         t0 = time.perf_counter()
-        fresh.lower(*state, x, y).compile()
-        return time.perf_counter() - t0
+        compiled = fresh.lower(*state, x, y).compile()
+        return compiled, time.perf_counter() - t0
 
-    return run, compile_seconds
+    compiled, seconds = compile_fresh()
+
+    def run():
+        state[:] = compiled(*state, x, y)[:3]  # the donated buffers are replaced
+        return state
+
+    return run, seconds, compiled.as_text(), lambda: compile_fresh()[1]
 
 
 def torch_resnet18():
@@ -216,33 +230,41 @@ def torch_step(dtype_name: str, device: str, images: np.ndarray, labels: np.ndar
 # --------------------------------------------------------------------------------------------
 
 
-def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, torch_ok: bool):
-    """Median ms per step of every contender, and the jax steps' compile seconds."""
+def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, torch_ok: bool,
+            compiles: int = 2, hlo_dir: Path | None = None):
+    """Median ms per step of every contender, and the jax steps' compile seconds (jaxbn and flax:
+    the fastest of ``compiles``); each jax step's optimized HLO is written to ``hlo_dir`` if
+    given."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, image, image, 3), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
     dtype = jnp.dtype(dtype_name)
-    fns, syncs, compilers = {}, {}, {}
-    for norm in NORMS:
-        fns[norm], compilers[norm] = jax_step(norm, dtype, images, labels)
-        syncs[norm] = bench.jax_sync
-    # Compile time: the fastest of two alternating compiles, so neither pays the process's
-    # one-time warm-up alone.
-    seconds: dict[str, list[float]] = {"jaxbn": [], "flax": []}
-    for _ in range(2):
-        for norm, times in seconds.items():
-            times.append(compilers[norm]())
-    compiles = {norm: min(times) for norm, times in seconds.items()}
+    fns, syncs, recompile = {}, {}, {}
+    seconds: dict[str, list[float]] = {}
+    norms = GPU_NORMS if device == "cuda" else NORMS
+    for norm in sorted(norms, key=lambda n: n != "no norm"):  # its compile warms the process up
+        fns[norm], took, hlo, recompile[norm] = jax_step(norm, dtype, images, labels)
+        syncs[norm], seconds[norm] = bench.jax_sync, [took]
+        if hlo_dir is not None:
+            hlo_dir.mkdir(parents=True, exist_ok=True)
+            (hlo_dir / f"step_{dtype_name}_{norm.replace(' ', '_')}.hlo.txt").write_text(hlo)
+    # Compile time: the fastest of `compiles` (alternating for jaxbn and flax after the first).
+    for _ in range(compiles - 1):
+        for norm in ("jaxbn", "flax"):
+            seconds[norm].append(recompile[norm]())
     if torch_ok:
         fns["torch CL"] = torch_step(dtype_name, device, images, labels)
         syncs["torch CL"] = bench.torch_sync(device)
-    return bench.time_interleaved(fns, syncs, rounds), compiles
+    fns = {norm: fns[norm] for norm in norms} | {k: v for k, v in fns.items() if k not in norms}
+    return bench.time_interleaved(fns, syncs, rounds), {k: min(v) for k, v in seconds.items()}
 
 
-def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds: int) -> str:
+def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds: int,
+           compiles: int = 2) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    two_pass = any("jaxbn two-pass" in t for *_, t, _ in results)
     lines = [
         f"Measured {date} on {bench.machine_description(device)}.",
         f"ResNet-18 train step (forward, cross-entropy, backward, optax SGD momentum, donated "
@@ -250,16 +272,19 @@ def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds:
         f"(flax - no norm) / flax. Reproduce: `python benchmarks/step.py"
         f"{' --gpu' if device == 'cuda' else ''}`.",
         "",
-        "| dtype | batch × image | jaxbn | flax | flax accurate | no norm | torch CL | "
+        "| dtype | batch × image | jaxbn | "
+        + ("jaxbn two-pass | " if two_pass else "")
+        + "flax | flax accurate | no norm | torch CL | "
         "jaxbn/flax | jaxbn/flax accurate | BN share of flax | jaxbn BN / flax BN | "
-        "compile jaxbn / flax (s, fastest of 2) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"compile jaxbn / flax (s, fastest of {compiles}) |",
+        "|---|---|---:|" + ("---:|" if two_pass else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dtype_name, batch, image, t, c in results:
         bn_jaxbn, bn_flax = t["jaxbn"] - t["no norm"], t["flax"] - t["no norm"]
         lines.append(
             f"| {dtype_name} | {batch} × {image}² | {bench.fmt(t['jaxbn'], 1)} | "
-            f"{bench.fmt(t['flax'], 1)} | {bench.fmt(t['flax accurate'], 1)} | "
+            + (f"{bench.fmt(t['jaxbn two-pass'], 1)} | " if two_pass else "")
+            + f"{bench.fmt(t['flax'], 1)} | {bench.fmt(t['flax accurate'], 1)} | "
             f"{bench.fmt(t['no norm'], 1)} | {bench.fmt(t.get('torch CL'), 1)} | "
             f"{bench.ratio(t['jaxbn'], t['flax'])} | {bench.ratio(t['jaxbn'], t['flax accurate'])} | "
             f"{bn_flax / t['flax']:.0%} | {bench.ratio(bn_jaxbn, bn_flax)} | "
@@ -282,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--readme", action="store_true",
                         help="also replace the step table embedded in README.md")
+    parser.add_argument("--compiles", type=int, default=2,
+                        help="fresh compiles of the jaxbn and flax steps timed (the fastest counts)")
+    parser.add_argument("--hlo-dir", type=Path, default=None,
+                        help="write the jaxbn and flax steps' optimized HLO here")
     args = parser.parse_args(argv)
     if args.gpu:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # leave room for torch
@@ -298,11 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"devices: {jax.devices()}", flush=True)
     results = []
     for dtype_name in dtypes:
-        t, c = measure(dtype_name, batch, image, device, rounds, torch_ok)
+        t, c = measure(dtype_name, batch, image, device, rounds, torch_ok, args.compiles,
+                       args.hlo_dir)
         print(f"{dtype_name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
               + "; compile " + ", ".join(f"{k} {v:.1f} s" for k, v in c.items()), flush=True)
         results.append((dtype_name, batch, image, t, c))
-    table = render(results, device, rounds)
+    table = render(results, device, rounds, args.compiles)
     print(table)
     if args.out:
         args.out.write_text(table)

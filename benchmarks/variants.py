@@ -13,9 +13,19 @@ each one's float32 accuracy against float64 on hard data (``--accuracy``):
 * ``one-pass, views, row shift`` -- the same with views and ``s`` the mean of the first row;
 * ``one-pass, per-row shifts`` -- sibling sums per (row, channel) about that row's first element,
   merged exactly over the rows (Chan): one read where siblings fuse, robust to a far shift in
-  one row only.
+  one row only;
+* ``one-read kernel`` -- the library on a CUDA GPU (:mod:`jaxbn.functional.gpu_moments`): a
+  Pallas kernel, two-pass inside register tiles merged with Chan's formula. Elsewhere this column
+  runs the same kernel in Pallas' interpreter (for ``--accuracy``; its speed means nothing there).
 
-Run: ``python benchmarks/variants.py [--gpu] [--accuracy]``.
+``two-pass, views`` is the library with that kernel off (what every non-CUDA backend runs).
+
+``--statistics`` times the forward statistics alone (GPU shapes of benchmarks/step.py's ResNet-18,
+float32 and bfloat16): the XLA two-pass, the one-read kernel under a few tilings, flax's one-pass
+sibling sums and one plain read of ``x`` -- each a chain of K calls in one program (the shift of
+call k+1 depends on call k), so a GPU runs them back to back without Python in between.
+
+Run: ``python benchmarks/variants.py [--gpu] [--accuracy | --statistics]``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,28 @@ import run as bench  # noqa: E402
 
 def natural_two_pass(x, sums):
     return two_pass(x, sums, sites=(None, None))
+
+
+def library_two_pass(x, sums):
+    """The library with its GPU kernel off."""
+    from jaxbn.functional import gpu_moments, reductions
+
+    with gpu_moments.disabled():
+        return reductions.moments(x, sums)
+
+
+def one_read_kernel(x, sums):
+    """The library with its GPU kernel on; interpreted where the backend is not a GPU."""
+    import jax
+
+    from jaxbn.functional import gpu_moments, reductions
+
+    before = gpu_moments.interpret
+    gpu_moments.interpret = jax.default_backend() != "gpu"
+    try:
+        return reductions.moments(x, sums)
+    finally:
+        gpu_moments.interpret = before
 
 
 def two_pass(x, sums, sites):
@@ -172,11 +204,91 @@ def accuracy(variants: dict) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+STEP_SHAPES = [  # benchmarks/step.py's batch norms on the GPU: batch 128, 128x128 images
+    (128, 64, 64, 64), (128, 32, 32, 64), (128, 16, 16, 128), (128, 8, 8, 256), (128, 4, 4, 512),
+    (256, 1024),
+]
+KERNEL_TILINGS = {  # settings of jaxbn.functional.gpu_moments (the library's: none changed)
+    "kernel": {},
+    "kernel 2048/4": {"_TILE_ELEMENTS": 2048},
+    "kernel 8192/8": {"_TILE_ELEMENTS": 8192, "_NUM_WARPS": 8},
+    "kernel 4096/4, 256 programs": {"_TARGET_PROGRAMS": 256},
+    "kernel 4096/8, 4096 programs": {"_NUM_WARPS": 8, "_TARGET_PROGRAMS": 4096},
+}
+
+
+def statistics_table(rounds: int) -> None:
+    """Time the statistics alone (see the module docstring); print a markdown table (µs)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxbn.functional import gpu_moments, reductions
+
+    def chain(stat, shape):
+        def run(xs):
+            lay = reductions.Layout(shape, len(shape) - 1)
+            sums = reductions.ChannelSums(lay)
+            count = sums.count(jnp.float32)
+            carry = jnp.zeros((shape[-1],), jnp.float32)
+            for x in xs:
+                shift = x[(0,) * (len(shape) - 1)].astype(jnp.float32) + 0 * carry
+                a, b = stat(sums, count, x, shift)
+                carry = a + b
+            return carry
+        return run
+
+    def one_pass(sums, count, x, shift):  # flax's fused E[x], E[x^2] (shifted)
+        d = x.astype(jnp.float32) - shift
+        axes = tuple(range(x.ndim - 1))
+        return jnp.sum(d, axes), jnp.sum(d * d, axes)
+
+    def read(sums, count, x, shift):
+        return jnp.sum(x.astype(jnp.float32) - shift, tuple(range(x.ndim - 1))), 0.0
+
+    defaults = {k: getattr(gpu_moments, k) for tiling in KERNEL_TILINGS.values() for k in tiling}
+    names = ["two-pass (XLA)", *KERNEL_TILINGS, "one-pass siblings (flax)", "one read (floor)"]
+    print("statistics alone, µs per call (chains of K calls)")
+    print("| dtype | shape | MB | K | " + " | ".join(names) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(names))
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for shape in STEP_SHAPES:
+            size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+            k = int(max(4, min(16, 2**30 // size)))
+            xs = tuple(jnp.asarray(rng.standard_normal(shape, np.float32) + 3, dtype)
+                       for _ in range(k))
+            fns = {}
+            for name in names:
+                if name == "two-pass (XLA)":
+                    stat = reductions.two_pass
+                elif name.startswith("kernel"):
+                    for key, value in {**defaults, **KERNEL_TILINGS[name]}.items():
+                        setattr(gpu_moments, key, value)
+                    if jax.default_backend() != "gpu" or not gpu_moments.applies(
+                            shape, len(shape) - 1, dtype, False, False):
+                        continue  # (off a GPU the kernel only runs interpreted)
+                    stat = lambda s, c, x, t: reductions.one_read(s, c, False, x, t)  # noqa: E731
+                else:
+                    stat = one_pass if name.startswith("one-pass") else read
+                compiled = jax.jit(chain(stat, shape)).lower(xs).compile()
+                fns[name] = lambda c=compiled: c(xs)
+            for key, value in defaults.items():
+                setattr(gpu_moments, key, value)
+            t = bench.time_interleaved(fns, {n: bench.jax_sync for n in fns}, rounds)
+            cells = [f"{t[n] * 1e3 / k:.1f}" if n in t else "—" for n in names]
+            print(f"| {jnp.dtype(dtype).name} | {'×'.join(map(str, shape))} | {size / 1e6:.1f} | "
+                  f"{k} | " + " | ".join(cells) + " |", flush=True)
+        del xs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--accuracy", action="store_true", help="the accuracy table instead")
+    parser.add_argument("--statistics", action="store_true",
+                        help="time the statistics alone instead (meant for a GPU)")
     args = parser.parse_args()
     if not args.gpu:
         bench.prepare_cpu_process()
@@ -186,7 +298,8 @@ def main() -> None:
 
     library = jaxbn.functional.kernel.moments
     variants = {
-        "two-pass, views": library,
+        "two-pass, views": library_two_pass,
+        "one-read kernel": one_read_kernel,
         "two-pass, natural": natural_two_pass,
         "one-pass shifted": one_pass_shifted,
         "one-pass, views, row shift": one_pass_views,
@@ -194,6 +307,8 @@ def main() -> None:
     }
     if args.accuracy:
         return accuracy(variants)
+    if args.statistics:
+        return statistics_table(args.rounds)
     cases = [bench.FULL[0], bench.FULL[1], bench.FULL[5]] + (bench.GPU_EXTRA if args.gpu else [])
     device = "cuda" if args.gpu else "cpu"
     print(f"devices: {jax.devices()}")

@@ -38,10 +38,14 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from . import gpu_moments
 
 
 class Site(enum.IntEnum):
@@ -295,7 +299,10 @@ class ChannelSums:
 
 
 def moments(x: jax.Array, sums: ChannelSums) -> Moments:
-    """Per-channel moments of the (global, unmasked part of the) batch, two reads of ``x``.
+    """Per-channel moments of the (global, unmasked part of the) batch.
+
+    Two reads of ``x`` (:func:`two_pass`); on a CUDA GPU, where the kernel applies, one
+    (:func:`one_read`), with the same accuracy and the same derivatives.
 
     Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
     NaN mean; callers must not use it (torch leaves running statistics untouched then).
@@ -303,15 +310,70 @@ def moments(x: jax.Array, sums: ChannelSums) -> Moments:
     dtype = stats_dtype(x.dtype)
     count = sums.count(dtype)
     shift = sums.shift(x, dtype)
+    lay = sums.layout
+    if gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
+                           lay.spec is not None) and gpu_moments.interpret:
+        offset, m2 = one_read(sums, count, True, x, shift)
+    elif gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
+                             lay.spec is not None):
+        offset, m2 = lax.platform_dependent(
+            x, shift,
+            cuda=partial(one_read, sums, count, False),
+            default=partial(two_pass, sums, count),
+        )
+    else:
+        offset, m2 = two_pass(sums, count, x, shift)
+    mean = shift + offset
+    mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
+    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
+
+
+def two_pass(
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array, shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(mean - shift, m2)`` in two reads of ``x``: the shifted sum, then the squared
+    deviations from the (rounded) mean, corrected by the mean's rounding residual."""
+    dtype = shift.dtype
     inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
     # Site MEAN: sum of x - shift (small numbers whatever the offset of the data).
     offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
     mean = shift + offset
-    mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
+    mean_lo = (shift - mean) + offset
     # Site M2: squared deviations from the rounded mean; the exact-mean correction is second order.
     m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
     m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
-    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
+    return offset, m2
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def one_read(
+    sums: ChannelSums, count: int | jax.Array, interpret: bool, x: jax.Array, shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`two_pass`'s ``(mean - shift, m2)`` from one read of ``x`` (the
+    :mod:`~jaxbn.functional.gpu_moments` kernel; ``interpret`` runs it in Pallas' interpreter, on
+    any backend), merged across programs and devices with Chan's formula. Differentiates as
+    :func:`two_pass` (the kernel has no derivative of its own)."""
+    lay = sums.layout
+    rows = math.prod(lay.shape[:-1])
+    partial_sums, m2s, per_program = gpu_moments.partial_moments(
+        x.reshape(rows, lay.num_features), shift, interpret=interpret
+    )
+    offset = jnp.sum(partial_sums, axis=0) / rows
+    deviations = partial_sums / per_program - offset
+    m2 = jnp.sum(m2s, axis=0) + per_program * jnp.sum(jnp.square(deviations), axis=0)
+    if lay.axis_name is not None:  # every device holds `rows` rows: merge (rows, offset, m2)
+        local = offset
+        offset = psum(rows * local, lay.axis_name, lay.axis_index_groups) / count
+        m2 = psum(m2 + rows * jnp.square(local - offset), lay.axis_name, lay.axis_index_groups)
+    return offset, m2
+
+
+@one_read.defjvp
+def _one_read_jvp(sums: ChannelSums, count: int | jax.Array, interpret: bool, primals: tuple,
+                  tangents: tuple) -> tuple:
+    return one_read(sums, count, interpret, *primals), jax.jvp(
+        partial(two_pass, sums, count), primals, tangents
+    )[1]
 
 
 def psum(value: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:

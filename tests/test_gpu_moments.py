@@ -1,0 +1,271 @@
+"""The one-read GPU statistics kernel (jaxbn.functional.gpu_moments).
+
+On a machine without a GPU the kernel runs in Pallas' interpreter (the same kernel body, the
+same tiling, the same merge); on a CUDA GPU these tests run the compiled Triton kernel. float32
+data with a large mean and far-off shifts is compared with float64 (numpy and torch); everything
+else is compared with the XLA two-pass path the kernel replaces, which the rest of the suite pins
+to torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxbn
+from jaxbn.functional import gpu_moments, reductions
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@contextlib.contextmanager
+def kernel(on: bool = True):
+    """Trace with the kernel (interpreted off-GPU) or with the XLA two-pass statistics."""
+    before = gpu_moments.enabled, gpu_moments.interpret
+    gpu_moments.enabled, gpu_moments.interpret = on, on and not ON_GPU
+    try:
+        yield
+    finally:
+        gpu_moments.enabled, gpu_moments.interpret = before
+
+
+def hard_data(shape: tuple[int, ...], case: str, seed: int = 0) -> np.ndarray:
+    """float32 data, channels last, with mean 1e4 and unit spread; ``case`` puts outliers where
+    a shift would be read (the first element of each channel, or every tile's first row)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) + 1e4 + rng.uniform(-50, 50, shape[-1])
+    x = x.reshape(-1, shape[-1])
+    if case == "first element +30σ":
+        x[0] += 30
+    elif case == "every 64th row +30σ":
+        x[::64] += 30
+    elif case == "half the rows +100σ":
+        x[: len(x) // 2] += 100
+    return x.reshape(shape).astype(np.float32)
+
+
+def kernel_moments(x: jax.Array) -> reductions.Moments:
+    with kernel():
+        return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1))(x)
+
+
+def xla_moments(x: jax.Array) -> reductions.Moments:
+    with kernel(False):
+        return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1))(x)
+
+
+# --- where the kernel applies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,channels", [(16, 8), (512, 64), (2048 * 128, 64), (6272, 512),
+                                           (256, 1024), (48, 24), (100 * 64, 96)])
+def test_tiling_covers_every_row_and_channel(rows, channels):
+    tile_rows, tiles, block = gpu_moments.tiling(rows, channels)
+    assert tile_rows >= 16 and tile_rows & (tile_rows - 1) == 0 and block & (block - 1) == 0
+    assert tile_rows * block <= 4096
+    assert rows % (tile_rows * tiles) == 0 and channels % block == 0
+
+
+@pytest.mark.parametrize("rows,channels", [(8, 64), (100, 64), (4096, 3), (4096, 1000 + 4), (0, 64)])
+def test_tiling_refuses_what_it_cannot_tile(rows, channels):
+    assert gpu_moments.tiling(rows, channels) is None
+
+
+def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats():
+    shape = (8, 4, 4, 64)
+    assert gpu_moments.applies(shape, 3, jnp.float32, False, False)
+    assert gpu_moments.applies(shape, 3, jnp.bfloat16, False, False)
+    assert gpu_moments.applies((64, 64), 1, jnp.float16, False, False)
+    assert not gpu_moments.applies(shape, 1, jnp.float32, False, False)  # NCHW
+    assert not gpu_moments.applies(shape, 3, jnp.float64, False, False)
+    assert not gpu_moments.applies(shape, 3, jnp.float32, True, False)  # mask
+    assert not gpu_moments.applies(shape, 3, jnp.float32, False, True)  # explicit sharding
+    with gpu_moments.disabled():
+        assert not gpu_moments.applies(shape, 3, jnp.float32, False, False)
+    assert gpu_moments.enabled
+
+
+@pytest.mark.parametrize("capabilities,usable", [(None, True), (["9.0"], True), (["8.0", "8.6"], True),
+                                                 (["9.0", "7.5"], False), (["gfx90a"], False)])
+def test_triton_usable_needs_compute_capability_8(capabilities, usable, monkeypatch):
+    """Triton kernels do not compile below compute capability 8.0 (a T4, a V100): any such GPU
+    in the process turns the kernel off; no CUDA backend at all leaves it on (lowering only)."""
+
+    def devices(backend=None):
+        if capabilities is None:
+            raise RuntimeError("Unknown backend cuda")
+        return [types.SimpleNamespace(compute_capability=c) for c in capabilities]
+
+    monkeypatch.setattr(jax, "devices", devices)
+    assert gpu_moments.triton_usable.__wrapped__() is usable
+
+
+def test_the_deprecation_filter_silences_only_pallas_triton_s_message():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gpu_moments._filter_triton_deprecation.__wrapped__()
+        warnings.warn("The Pallas Triton backend is deprecated and will be removed in a future "
+                      "JAX version. To keep using Pallas on GPU, ...", DeprecationWarning)
+        warnings.warn("The Pallas Triton backend is deprecated and will be removed in a future "
+                      "JAX version", UserWarning)
+        warnings.warn("something else is deprecated", DeprecationWarning)
+    assert [(w.category, str(w.message)[:20]) for w in caught] == [
+        (UserWarning, "The Pallas Triton ba"), (DeprecationWarning, "something else is de")]
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 16, 64), (16, 7, 7, 64), (256, 1024)])
+def test_cuda_lowering_is_one_triton_kernel_and_cpu_programs_are_unchanged(shape, monkeypatch):
+    """Lowered for CUDA (no GPU needed), the statistics are one Triton call; compiled for this
+    machine's backend without a GPU, the program is exactly the XLA two-pass one."""
+    monkeypatch.setattr(gpu_moments, "enabled", True)
+    monkeypatch.setattr(gpu_moments, "interpret", False)  # (JAXBN_ONE_READ=interpret sets it)
+    x = jnp.ones(shape, jnp.float32)
+    flags = jaxbn.BatchNormFlags(axis=-1)
+    c = shape[-1]
+
+    def layer(x):
+        return jaxbn.batch_norm(x, jaxbn.init_state(c), jaxbn.init_params(c), flags)
+
+    def lowered(**kwargs):  # a fresh function each time: jit caches traces by function
+        return jax.jit(lambda x: layer(x)).trace(x).lower(**kwargs)
+
+    cuda = lowered(lowering_platforms=("cuda",)).as_text()
+    assert cuda.count("xla.gpu.triton") == 1 and "jaxbn_channel_moments" in cuda
+    with gpu_moments.disabled():
+        assert "triton" not in lowered(lowering_platforms=("cuda",)).as_text()
+    if not ON_GPU:
+        on = program(lowered().compile().as_text())
+        with gpu_moments.disabled():
+            off = program(lowered().compile().as_text())
+        assert "reduce" in on and on == off
+
+
+def program(hlo: str) -> str:
+    """Optimized HLO without source locations (op names, stack frames): the program itself."""
+    lines = [line for line in hlo.splitlines() if not re.match(r"^\s*\d+ ", line)]
+    return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
+
+
+# --- accuracy -----------------------------------------------------------------------------------
+
+
+CASES = ["plain", "first element +30σ", "every 64th row +30σ", "half the rows +100σ"]
+
+
+@pytest.mark.parametrize("programs", [1024, 2], ids=["default tiling", "8+ tiles per program"])
+@pytest.mark.parametrize("shape", [(16, 16, 16, 64), (512, 128), (8, 8, 8, 256)])
+@pytest.mark.parametrize("case", CASES)
+def test_moments_of_large_mean_data_are_two_pass_accurate(shape, case, programs, monkeypatch):
+    """Mean within 3e-6 of the spread and m2 within 1e-6 relative of float64, as the XLA
+    two-pass path (which meets the same bounds) -- a one-pass sum of squares misses both by
+    orders of magnitude on this data. With few programs, each merges many tiles itself."""
+    monkeypatch.setattr(gpu_moments, "_TARGET_PROGRAMS", programs)
+    x = hard_data(shape, case)
+    assert gpu_moments.applies(shape, len(shape) - 1, x.dtype, False, False)
+    tile_rows, tiles, _ = gpu_moments.tiling(x.size // shape[-1], shape[-1])
+    assert tiles >= (8 if programs == 2 else 1)
+    x64 = x.astype(np.float64).reshape(-1, shape[-1])
+    mean64, m2_64 = x64.mean(0), ((x64 - x64.mean(0)) ** 2).sum(0)
+    spread = np.sqrt(m2_64 / len(x64))
+    for m in (kernel_moments(jnp.asarray(x)), xla_moments(jnp.asarray(x))):
+        mean = np.asarray(m.mean, np.float64) + np.asarray(m.mean_lo, np.float64)
+        assert np.max(np.abs(mean - mean64) / spread) < 3e-6
+        assert np.max(np.abs(np.asarray(m.m2, np.float64) / m2_64 - 1)) < 1e-6
+        assert m.count == len(x64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_2d_matches_float64_torch(dtype):
+    """The whole layer (train mode, buffers updated) against torch in float64 on the same
+    (rounded) input: as close as float32 arithmetic allows."""
+    x = jnp.asarray(hard_data((16, 8, 8, 64), "first element +30σ")).astype(dtype)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    bn = torch.nn.BatchNorm2d(64, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1, 1)
+        expected = bn(torch.from_numpy(x64.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    params = jaxbn.BatchNormParams(jnp.asarray(bn.weight.detach().numpy(), jnp.float32),
+                                   jnp.asarray(bn.bias.detach().numpy(), jnp.float32))
+    flags = jaxbn.BatchNormFlags(momentum=0.3, axis=-1)
+    with kernel():
+        y, state = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), params, flags))(x)
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3  # bf16: y is rounded to 8 bits
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(state.running_mean, bn.running_mean.numpy(), rtol=3e-7)
+    np.testing.assert_allclose(state.running_var, bn.running_var.numpy(), rtol=1e-5)
+
+
+# --- the same function as the XLA path: values, derivatives, transforms -----------------------
+
+
+def layer_fn(flags, channels=64):
+    state, params = jaxbn.init_state(channels), jaxbn.init_params(channels)
+    params = params._replace(weight=params.weight * 1.5)
+    return lambda x: jaxbn.batch_norm(x, state, params, flags)
+
+
+def both(f, *args):
+    """``f(*args)`` jitted with and without the kernel: each from a fresh trace (jit caches a
+    function's trace, and the switch is read when tracing)."""
+    with kernel():
+        on = jax.jit(lambda *a: f(*a))(*args)
+    with kernel(False):
+        off = jax.jit(lambda *a: f(*a))(*args)
+    return on, off
+
+
+def test_train_step_values_and_gradients_equal_the_xla_path():
+    x = jnp.asarray(hard_data((16, 8, 8, 64), "plain", seed=1)) - 1e4
+    dy = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+    f = layer_fn(jaxbn.BatchNormFlags(axis=-1))
+
+    def value_and_grad(x):
+        (y, state), pullback = jax.vjp(f, x)
+        return y, state, pullback((dy, jax.tree.map(jnp.zeros_like, state)))
+
+    on, off = both(value_and_grad, x)
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_second_derivatives_equal_the_xla_path():
+    """The kernel has no derivative of its own: higher derivatives go through the XLA path's."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 4, 4, 16)) * 2 + 3, jnp.float32)
+    f = layer_fn(jaxbn.BatchNormFlags(axis=-1), channels=16)
+    w = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
+    probe = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+
+    def hvp(x):
+        loss = lambda x: jnp.sum(jnp.sin(f(x)[0]) * w)  # noqa: E731
+        return jax.jvp(jax.grad(loss), (x,), (probe,))[1]
+
+    on, off = both(hvp, x)
+    assert np.abs(np.asarray(off)).max() > 1e-2  # a real second derivative
+    np.testing.assert_allclose(on, off, rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_with_axis_name_merges_members_like_the_concatenated_batch():
+    """Members of a vmap with ``axis_name`` share statistics: Chan's merge across them equals the
+    moments of the concatenated batch (float64 numpy)."""
+    x = hard_data((4, 8, 4, 4, 32), "first element +30σ", seed=6)
+    flags = jaxbn.BatchNormFlags(axis=-1, axis_name="members")
+    f = jax.vmap(_member_fn(flags), axis_name="members")
+    on, off = both(f, jnp.asarray(x))
+    x64 = x.astype(np.float64).reshape(-1, 32)
+    for (y, state) in (on, off):
+        np.testing.assert_allclose(state.running_mean[0], 0.1 * x64.mean(0), rtol=1e-7)
+        np.testing.assert_allclose(state.running_var[0], 0.9 + 0.1 * x64.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(on[0], off[0], atol=1e-5)
+
+
+def _member_fn(flags):
+    return lambda x: jaxbn.batch_norm(x, jaxbn.init_state(32), jaxbn.init_params(32), flags)
