@@ -18,7 +18,8 @@ Accuracy before speed, at two reads of the input:
    ``E[x^2] - E[x]^2``. Half-precision inputs are accumulated in float32 (torch's ``opmath``).
 
 On XLA:CPU the two sums cannot share one read (it fuses no sibling reductions), so one-pass
-shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md.
+shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md. On a
+CUDA GPU, :mod:`jaxbn.functional.gpu_moments` computes the same moments in one read.
 
 **Views.** Each reduction site reads the input through its own reshaped *view* (leading unit
 axes, then ``(N, M, C[, P])``: rows, the axes between rows and channels, channels, the axes
