@@ -14,11 +14,12 @@ each one's float32 accuracy against float64 on hard data (``--accuracy``):
 * ``one-pass, per-row shifts`` -- sibling sums per (row, channel) about that row's first element,
   merged exactly over the rows (Chan): one read where siblings fuse, robust to a far shift in
   one row only;
-* ``one-read kernel`` -- the library on a CUDA GPU (:mod:`jaxbn.functional.gpu_moments`): a
-  Pallas kernel, two-pass inside register tiles merged with Chan's formula. Elsewhere this column
-  runs the same kernel in Pallas' interpreter (for ``--accuracy``; its speed means nothing there).
+* ``one-read kernel`` -- the library's opt-in CUDA kernel (:mod:`jaxbn.functional.gpu_moments`):
+  a Pallas kernel, two-pass inside register tiles merged with Chan's formula. Off a GPU this
+  column runs the same kernel in Pallas' interpreter (for ``--accuracy``; its speed means
+  nothing there).
 
-``two-pass, views`` is the library with that kernel off (what every non-CUDA backend runs).
+``two-pass, views`` is the library as it runs by default (that kernel off).
 
 ``--statistics`` times the forward statistics alone (GPU shapes of benchmarks/step.py's ResNet-18,
 float32 and bfloat16): the XLA two-pass, the one-read kernel under a few tilings, flax's one-pass
@@ -45,10 +46,10 @@ def natural_two_pass(x, sums):
 
 
 def library_two_pass(x, sums):
-    """The library with its GPU kernel off."""
+    """The library with its GPU kernel off (the default)."""
     from jaxbn.functional import gpu_moments, reductions
 
-    with gpu_moments.disabled():
+    with gpu_moments.use_kernel(False):
         return reductions.moments(x, sums)
 
 
@@ -61,7 +62,8 @@ def one_read_kernel(x, sums):
     before = gpu_moments.interpret
     gpu_moments.interpret = jax.default_backend() != "gpu"
     try:
-        return reductions.moments(x, sums)
+        with gpu_moments.use_kernel(True):
+            return reductions.moments(x, sums)
     finally:
         gpu_moments.interpret = before
 
@@ -265,8 +267,9 @@ def statistics_table(rounds: int) -> None:
                 elif name.startswith("kernel"):
                     for key, value in {**defaults, **KERNEL_TILINGS[name]}.items():
                         setattr(gpu_moments, key, value)
-                    if jax.default_backend() != "gpu" or not gpu_moments.applies(
-                            shape, len(shape) - 1, dtype, False, False):
+                    with gpu_moments.use_kernel(True):
+                        applies = gpu_moments.applies(shape, len(shape) - 1, dtype, False, False)
+                    if jax.default_backend() != "gpu" or not applies:
                         continue  # (off a GPU the kernel only runs interpreted)
                     stat = lambda s, c, x, t: reductions.one_read(s, c, False, x, t)  # noqa: E731
                 else:

@@ -10,6 +10,7 @@ to torch.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import types
 import warnings
@@ -79,7 +80,17 @@ def test_tiling_refuses_what_it_cannot_tile(rows, channels):
     assert gpu_moments.tiling(rows, channels) is None
 
 
-def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats():
+def test_the_kernel_is_opt_in():
+    assert not gpu_moments.enabled or os.environ.get("JAXBN_ONE_READ") in ("1", "interpret")
+    with gpu_moments.use_kernel(True):
+        assert gpu_moments.enabled
+        with gpu_moments.use_kernel(False):
+            assert not gpu_moments.enabled
+        assert gpu_moments.enabled
+
+
+def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats(monkeypatch):
+    monkeypatch.setattr(gpu_moments, "enabled", True)
     shape = (8, 4, 4, 64)
     assert gpu_moments.applies(shape, 3, jnp.float32, False, False)
     assert gpu_moments.applies(shape, 3, jnp.bfloat16, False, False)
@@ -88,7 +99,7 @@ def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats()
     assert not gpu_moments.applies(shape, 3, jnp.float64, False, False)
     assert not gpu_moments.applies(shape, 3, jnp.float32, True, False)  # mask
     assert not gpu_moments.applies(shape, 3, jnp.float32, False, True)  # explicit sharding
-    with gpu_moments.disabled():
+    with gpu_moments.use_kernel(False):
         assert not gpu_moments.applies(shape, 3, jnp.float32, False, False)
     assert gpu_moments.enabled
 
@@ -139,11 +150,11 @@ def test_cuda_lowering_is_one_triton_kernel_and_cpu_programs_are_unchanged(shape
 
     cuda = lowered(lowering_platforms=("cuda",)).as_text()
     assert cuda.count("xla.gpu.triton") == 1 and "jaxbn_channel_moments" in cuda
-    with gpu_moments.disabled():
+    with gpu_moments.use_kernel(False):
         assert "triton" not in lowered(lowering_platforms=("cuda",)).as_text()
     if not ON_GPU:
         on = program(lowered().compile().as_text())
-        with gpu_moments.disabled():
+        with gpu_moments.use_kernel(False):
             off = program(lowered().compile().as_text())
         assert "reduce" in on and on == off
 
@@ -152,6 +163,35 @@ def program(hlo: str) -> str:
     """Optimized HLO without source locations (op names, stack frames): the program itself."""
     lines = [line for line in hlo.splitlines() if not re.match(r"^\s*\d+ ", line)]
     return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
+
+
+def test_jax_export_needs_the_kernel_off(monkeypatch):
+    """``jax.export`` refuses the kernel's Triton custom call (no compatibility guarantee) and,
+    for ("cpu", "cuda"), lowers the CUDA branch for the CPU too, where Pallas refuses a compiled
+    kernel: why the kernel is opt-in. With it off (the default) both exports work."""
+    from jax import export
+
+    monkeypatch.setattr(gpu_moments, "interpret", False)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((16, 8, 8, 64)), jnp.float32)
+    flags = jaxbn.BatchNormFlags(axis=-1)
+
+    def exported(platforms):  # a fresh function each time: jit caches traces by function
+        layer = lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), None, flags)  # noqa: E731
+        return export.export(jax.jit(layer), platforms=platforms)(x)
+
+    with gpu_moments.use_kernel(True):
+        with pytest.raises(ValueError, match="compatibility guarantees"):
+            exported(("cuda",))
+        with pytest.raises(ValueError, match="interpret"):
+            exported(("cpu", "cuda"))
+    with gpu_moments.use_kernel(False):
+        assert "triton" not in exported(("cuda",)).mlir_module()
+        both_platforms = exported(("cpu", "cuda"))
+    if not ON_GPU:
+        y, state = both_platforms.call(x)
+        y0, state0 = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), None, flags))(x)
+        np.testing.assert_array_equal(y, y0)
+        np.testing.assert_array_equal(state.running_var, state0.running_var)
 
 
 # --- accuracy -----------------------------------------------------------------------------------
@@ -168,6 +208,7 @@ def test_moments_of_large_mean_data_are_two_pass_accurate(shape, case, programs,
     two-pass path (which meets the same bounds) -- a one-pass sum of squares misses both by
     orders of magnitude on this data. With few programs, each merges many tiles itself."""
     monkeypatch.setattr(gpu_moments, "_TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(gpu_moments, "enabled", True)
     x = hard_data(shape, case)
     assert gpu_moments.applies(shape, len(shape) - 1, x.dtype, False, False)
     tile_rows, tiles, _ = gpu_moments.tiling(x.size // shape[-1], shape[-1])

@@ -38,28 +38,29 @@ def test_every_norm_builds_torchs_resnet18():
         p.numel() for m in torch_model.modules() if m.__class__.__name__ == "BatchNorm2d"
         for p in m.parameters()
     )
-    normed = ("jaxbn", "jaxbn two-pass", "flax", "flax accurate")
+    normed = ("jaxbn", "jaxbn one-read", "flax", "flax accurate")
     assert {norm: param_count(norm) for norm in normed} == dict.fromkeys(normed, torch_params)
     assert param_count("no norm") == torch_params - torch_norm_params
 
 
-def test_the_two_pass_contender_traces_without_the_gpu_kernel(monkeypatch):
-    """On a GPU, "jaxbn two-pass" is the library with its one-read kernel off (lowered for CUDA
-    here: the kernel is one Triton call per norm in "jaxbn", none in "jaxbn two-pass")."""
+def test_the_one_read_contender_traces_with_the_gpu_kernel(monkeypatch):
+    """On a GPU, "jaxbn one-read" is the library with its opt-in kernel on (lowered for CUDA
+    here: one Triton call per norm in "jaxbn one-read", none in "jaxbn", the default)."""
     from jaxbn.functional import gpu_moments
 
     monkeypatch.setattr(gpu_moments, "interpret", False)
     x = jnp.zeros((16, 64, 64, 3), jnp.float32)
     calls = {}
-    for norm in ("jaxbn", "jaxbn two-pass"):
+    monkeypatch.setattr(gpu_moments, "enabled", False)
+    for norm in ("jaxbn", "jaxbn one-read"):
         model = step.resnet18(norm, jnp.float32)
         variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
         lowered = jax.jit(
             lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
         ).trace(variables, x).lower(lowering_platforms=("cuda",))
         calls[norm] = lowered.as_text().count("xla.gpu.triton")
-    assert calls == {"jaxbn": 20, "jaxbn two-pass": 0}
-    assert gpu_moments.enabled
+    assert calls == {"jaxbn": 0, "jaxbn one-read": 20}
+    assert not gpu_moments.enabled
 
 
 def test_unknown_norm_is_refused_with_the_choices():

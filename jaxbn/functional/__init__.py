@@ -6,7 +6,7 @@ Nothing here imports flax, torch or touches files. Modules, bottom up:
 * :mod:`.torch_rules` -- every decision torch makes (which statistics, whether buffers move,
   with what weight), one function per family;
 * :mod:`.reductions` -- per-channel sums (masks, devices), the accurate moments;
-* :mod:`.gpu_moments` -- the same moments in one read of the input on CUDA GPUs (Pallas);
+* :mod:`.gpu_moments` -- the same moments in one read of the input on CUDA GPUs (Pallas, opt-in);
 * :mod:`.kernel` -- the differentiable normalization (``custom_jvp``, torch's backward);
 * :mod:`.validation` -- trace-time checks with torch's wording;
 * :mod:`.batch`, :mod:`.instance` -- the public pure functions (batch norm, instance norm).

@@ -13,16 +13,20 @@ Everything is in ``shift``-relative units (``x - shift``, the same data element 
 XLA path subtracts), so the mean keeps its rounding residual ``mean_lo`` exactly as
 :func:`~jaxbn.functional.reductions.moments` defines it.
 
-Used only where it applies (:func:`applies`): channels last (``(rows, C)`` after a free reshape:
-NHWC, NDHWC, ``(N, C)``), no ``mask``, no explicit sharding, 16- or 32-bit floats, and row and
-channel counts the tiles divide, on a JAX whose Pallas has its Triton backend and CUDA GPUs of
-compute capability 8.0 or later (:func:`triton_usable`). Everything else, and every non-CUDA
-backend, keeps the XLA path; ``JAXBN_ONE_READ=0`` in the environment keeps it everywhere.
+**Opt-in** (:data:`enabled`, ``JAXBN_ONE_READ=1``, or :func:`use_kernel`). On an H200 it takes
+2-3 % off a ResNet-18 training step (benchmarks/NOTES.md §9), and it costs what a Pallas
+Triton kernel costs: ``jax.export`` refuses to serialize its custom call (no compatibility
+guarantee) and cannot lower it for several platforms at once; each distinct shape adds a Triton
+compile (~1.5 s for ResNet-18); and JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU
+replaces it) and warns each time such a kernel is lowered -- jaxbn filters that one message once
+it uses the kernel (:func:`_filter_triton_deprecation`). When JAX drops the backend,
+:func:`triton_usable` turns the kernel off.
 
-JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU replaces it) and warns each time such a
-kernel is lowered; jaxbn filters that one message once it uses the kernel
-(:func:`_filter_triton_deprecation`). When JAX drops the backend, :func:`triton_usable` turns
-the kernel off and the XLA path remains.
+Where it is on, it is used only where it applies (:func:`applies`): channels last (``(rows, C)``
+after a free reshape: NHWC, NDHWC, ``(N, C)``), no ``mask``, no explicit sharding, 16- or 32-bit
+floats, and row and channel counts the tiles divide, on a JAX whose Pallas has its Triton
+backend and CUDA GPUs of compute capability 8.0 or later (:func:`triton_usable`). Everything
+else, and every non-CUDA backend (``lax.platform_dependent``), keeps the XLA path.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ try:
 except ImportError:  # a JAX without Pallas: the XLA path everywhere
     pl = None
 
-#: False: trace the XLA two-pass statistics on GPU too (benchmarks compare the two). The
-#: environment variable ``JAXBN_ONE_READ=0`` sets it at import.
-enabled = os.environ.get("JAXBN_ONE_READ", "1") != "0"
+#: True: use the kernel where it applies (opt-in; see the module docstring for why it is off by
+#: default). ``JAXBN_ONE_READ=1`` in the environment sets it at import.
+enabled = os.environ.get("JAXBN_ONE_READ", "0") in ("1", "interpret")
 #: True: run the kernel on every backend, in Pallas' interpreter (tests without a GPU).
-#: ``JAXBN_ONE_READ=interpret`` sets it at import.
+#: ``JAXBN_ONE_READ=interpret`` sets it (and :data:`enabled`) at import.
 interpret = os.environ.get("JAXBN_ONE_READ") == "interpret"
 # Both are read at trace time: they change functions traced afterwards (jit caches a function's
 # trace, so a function already jitted keeps what it was traced with).
@@ -58,10 +62,11 @@ _NUM_WARPS = 4
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Within this block, trace the XLA two-pass statistics on GPU too (for benchmarks)."""
+def use_kernel(on: bool = True) -> Iterator[None]:
+    """Within this block, trace with the kernel on (``on``) or off, whatever :data:`enabled`
+    says. Functions traced inside keep the choice (jit caches their traces)."""
     global enabled
-    before, enabled = enabled, False
+    before, enabled = enabled, on
     try:
         yield
     finally:
@@ -134,7 +139,7 @@ def _filter_triton_deprecation() -> None:
     the whole step compiles, with no jaxbn frame on the stack, so a filter around the call
     cannot see it; this one lasts for the process (a process that never traces the kernel never
     installs it). Under ``pytest -W error`` pytest's own filters come first: add this message
-    to ``filterwarnings`` there, or set ``JAXBN_ONE_READ=0``."""
+    to ``filterwarnings`` there."""
     warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
 
 

@@ -19,7 +19,7 @@ Accuracy before speed, at two reads of the input:
 
 On XLA:CPU the two sums cannot share one read (it fuses no sibling reductions), so one-pass
 shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md. On a
-CUDA GPU, :mod:`jaxbn.functional.gpu_moments` computes the same moments in one read.
+CUDA GPU, :mod:`jaxbn.functional.gpu_moments` (opt-in) computes the same moments in one read.
 
 **Views.** Each reduction site reads the input through its own reshaped *view* (leading unit
 axes, then ``(N, M, C[, P])``: rows, the axes between rows and channels, channels, the axes
@@ -302,8 +302,8 @@ class ChannelSums:
 def moments(x: jax.Array, sums: ChannelSums) -> Moments:
     """Per-channel moments of the (global, unmasked part of the) batch.
 
-    Two reads of ``x`` (:func:`two_pass`); on a CUDA GPU, where the kernel applies, one
-    (:func:`one_read`), with the same accuracy and the same derivatives.
+    Two reads of ``x`` (:func:`two_pass`); on a CUDA GPU, with the opt-in kernel on where it
+    applies, one (:func:`one_read`), with the same accuracy and the same derivatives.
 
     Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
     NaN mean; callers must not use it (torch leaves running statistics untouched then).
