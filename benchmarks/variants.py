@@ -71,13 +71,12 @@ def one_read_kernel(x, sums):
 def two_pass(x, sums, sites):
     import jax.numpy as jnp
 
-    from jaxbn.functional.reductions import Moments, stats_dtype
+    from jaxbn.functional.reductions import Moments, shifted_mean, stats_dtype
 
     dtype = stats_dtype(x.dtype)
     count, shift = sums.count(dtype), sums.shift(x, dtype)
     offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=sites[0]) / count
-    mean = shift + offset
-    mean_lo = (shift - mean) + offset
+    mean, mean_lo = shifted_mean(shift, offset)
     m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=sites[1])
     return Moments(count, mean, m2 - count * jnp.square(mean_lo), mean_lo)
 
@@ -95,15 +94,15 @@ def one_pass_views(x, sums):
     """Sibling shifted sums, each through its own view, shift = mean of the first row."""
     import jax.numpy as jnp
 
-    from jaxbn.functional.reductions import Moments, Site, stats_dtype
+    from jaxbn.functional.reductions import Moments, Site, shifted_mean, stats_dtype
 
     dtype = stats_dtype(x.dtype)
     count, shift = sums.count(dtype), row_shift(x, sums, dtype)
     s1 = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN)
     s2 = sums.sum(lambda x, s: jnp.square(x.astype(dtype) - s), (x,), (shift,), site=Site.M2)
     offset = s1 / count
-    mean = shift + offset
-    return Moments(count, mean, jnp.maximum(s2 - s1 * offset, 0), (shift - mean) + offset)
+    mean, mean_lo = shifted_mean(shift, offset)
+    return Moments(count, mean, jnp.maximum(s2 - s1 * offset, 0), mean_lo)
 
 
 def one_pass_row_shifts(x, sums):
@@ -142,15 +141,15 @@ def one_pass_row_shifts(x, sums):
 def one_pass_shifted(x, sums):
     import jax.numpy as jnp
 
-    from jaxbn.functional.reductions import Moments, stats_dtype
+    from jaxbn.functional.reductions import Moments, shifted_mean, stats_dtype
 
     dtype = stats_dtype(x.dtype)
     count, shift = sums.count(dtype), sums.shift(x, dtype)
     s1 = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,))
     s2 = sums.sum(lambda x, s: jnp.square(x.astype(dtype) - s), (x,), (shift,))
     offset = s1 / count
-    mean = shift + offset
-    return Moments(count, mean, s2 - s1 * offset, (shift - mean) + offset)
+    mean, mean_lo = shifted_mean(shift, offset)
+    return Moments(count, mean, s2 - s1 * offset, mean_lo)
 
 
 def accuracy_cases(rng):

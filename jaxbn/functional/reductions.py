@@ -312,21 +312,29 @@ def moments(x: jax.Array, sums: ChannelSums) -> Moments:
     count = sums.count(dtype)
     shift = sums.shift(x, dtype)
     lay = sums.layout
-    if gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
-                           lay.spec is not None) and gpu_moments.interpret:
+    if not gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
+                               lay.spec is not None):
+        offset, m2 = two_pass(sums, count, x, shift)
+    elif gpu_moments.interpret:
         offset, m2 = one_read(sums, count, True, x, shift)
-    elif gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
-                             lay.spec is not None):
+    else:
         offset, m2 = lax.platform_dependent(
             x, shift,
             cuda=partial(one_read, sums, count, False),
             default=partial(two_pass, sums, count),
         )
-    else:
-        offset, m2 = two_pass(sums, count, x, shift)
-    mean = shift + offset
-    mean_lo = (shift - mean) + offset  # exact: mean is offset's float rounding of shift + offset
+    mean, mean_lo = shifted_mean(shift, offset)
     return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
+
+
+def shifted_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(mean, mean_lo)`` of ``shift + offset``: the float sum and what it rounded away.
+
+    Exact: ``mean`` is the float rounding of ``shift + offset``, so ``(shift - mean) + offset``
+    loses nothing (a data element as the shift keeps it so; see benchmarks/NOTES.md §8.3).
+    """
+    mean = shift + offset
+    return mean, (shift - mean) + offset
 
 
 def two_pass(
@@ -338,8 +346,7 @@ def two_pass(
     inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
     # Site MEAN: sum of x - shift (small numbers whatever the offset of the data).
     offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
-    mean = shift + offset
-    mean_lo = (shift - mean) + offset
+    mean, mean_lo = shifted_mean(shift, offset)
     # Site M2: squared deviations from the rounded mean; the exact-mean correction is second order.
     m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
     m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
