@@ -34,6 +34,7 @@ against 20 ms on 3x3 maps), so that step is ~5 s of which batch norm is a roundi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -67,19 +68,17 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
 
     import jaxbn.linen
 
-    if kind == "jaxbn":
-        layer = jaxbn.linen.BatchNorm(dtype=dtype)
-        return lambda x, train: layer(x, train=train)
-    if kind == "jaxbn one-read":  # the library with its opt-in GPU statistics kernel on
+    if kind in ("jaxbn", "jaxbn one-read"):  # one-read: the opt-in GPU statistics kernel on
         from jaxbn.functional import gpu_moments
 
         layer = jaxbn.linen.BatchNorm(dtype=dtype)
+        kernel = gpu_moments.use_kernel if kind == "jaxbn one-read" else contextlib.nullcontext
 
-        def one_read(x, train):
-            with gpu_moments.use_kernel(True):
+        def norm(x, train):
+            with kernel():
                 return layer(x, train=train)
 
-        return one_read
+        return norm
     if kind in ("flax", "flax accurate"):
         layer = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype,
                              use_fast_variance=kind == "flax")
@@ -244,11 +243,12 @@ def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, t
     fns, syncs, recompile = {}, {}, {}
     seconds: dict[str, list[float]] = {}
     norms = GPU_NORMS if device == "cuda" else NORMS
+    if hlo_dir is not None:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
     for norm in sorted(norms, key=lambda n: n != "no norm"):  # its compile warms the process up
         fns[norm], took, hlo, recompile[norm] = jax_step(norm, dtype, images, labels)
         syncs[norm], seconds[norm] = bench.jax_sync, [took]
         if hlo_dir is not None:
-            hlo_dir.mkdir(parents=True, exist_ok=True)
             (hlo_dir / f"step_{dtype_name}_{norm.replace(' ', '_')}.hlo.txt").write_text(hlo)
     # Compile time: the fastest of `compiles` (alternating for jaxbn and flax after the first).
     for _ in range(compiles - 1):
