@@ -30,12 +30,12 @@ ON_GPU = jax.default_backend() == "gpu"
 @contextlib.contextmanager
 def kernel(on: bool = True):
     """Trace with the kernel (interpreted off-GPU) or with the XLA two-pass statistics."""
-    before = gpu_moments.enabled, gpu_moments.interpret
-    gpu_moments.enabled, gpu_moments.interpret = on, on and not ON_GPU
+    before, gpu_moments.interpret = gpu_moments.interpret, on and not ON_GPU
     try:
-        yield
+        with gpu_moments.use_kernel(on):
+            yield
     finally:
-        gpu_moments.enabled, gpu_moments.interpret = before
+        gpu_moments.interpret = before
 
 
 def hard_data(shape: tuple[int, ...], case: str, seed: int = 0) -> np.ndarray:
