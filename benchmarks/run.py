@@ -120,7 +120,7 @@ OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def prepare_torch(device: str, wanted: bool = True) -> bool:
-    """Whether torch runs as a reference contender on ``device`` ("cpu" or "gpu"), set up for it:
+    """Whether torch runs as a reference contender on ``device`` ("cpu" or "cuda"), set up for it:
     all cores on the CPU, cuDNN autotuning on the GPU (which needs a CUDA build of torch)."""
     if not wanted:
         return False

@@ -7,4 +7,3 @@ statistics kernel, interpreted, wherever it would apply (see jaxbn.functional.gp
 import jax
 
 jax.config.update("jax_enable_x64", True)
-

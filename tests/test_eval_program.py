@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from helpers import random_input, random_params, random_state
 
 SHAPES = [((8, 6, 6, 16), -1), ((8, 16, 6, 6), 1), ((32, 16), 1), ((4, 3, 5, 6, 8), -1)]
 ARITHMETIC = ("add", "subtract", "multiply", "divide", "rsqrt", "sqrt", "power", "reduce")
@@ -28,9 +29,9 @@ def eval_steps(shape, axis):
     same arrays ``(x, weight, bias, running_mean, running_var)``."""
     rng = np.random.default_rng(0)
     c = shape[axis]
-    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    w, b, rm = (jnp.asarray(rng.standard_normal(c, dtype=np.float32)) for _ in range(3))
-    rv = jnp.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32))
+    x = jnp.asarray(random_input(rng, shape, np.float32))
+    w, b = random_params(rng, c, jnp.float32)
+    rm, rv, _ = random_state(rng, c, jnp.float32)
     flags = jaxbn.BatchNormFlags(training=False, axis=axis)
 
     def jaxbn_step(x, w, b, rm, rv):
