@@ -59,13 +59,8 @@ def one_read_kernel(x, sums):
 
     from jaxbn.functional import gpu_moments, reductions
 
-    before = gpu_moments.interpret
-    gpu_moments.interpret = jax.default_backend() != "gpu"
-    try:
-        with gpu_moments.use_kernel(True):
-            return reductions.moments(x, sums)
-    finally:
-        gpu_moments.interpret = before
+    with gpu_moments.use_kernel(True, interpreted=jax.default_backend() != "gpu"):
+        return reductions.moments(x, sums)
 
 
 def two_pass(x, sums, sites):

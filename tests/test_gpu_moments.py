@@ -9,7 +9,6 @@ to torch.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import types
@@ -27,15 +26,9 @@ from jaxbn.functional import gpu_moments, reductions
 ON_GPU = jax.default_backend() == "gpu"
 
 
-@contextlib.contextmanager
 def kernel(on: bool = True):
     """Trace with the kernel (interpreted off-GPU) or with the XLA two-pass statistics."""
-    before, gpu_moments.interpret = gpu_moments.interpret, on and not ON_GPU
-    try:
-        with gpu_moments.use_kernel(on):
-            yield
-    finally:
-        gpu_moments.interpret = before
+    return gpu_moments.use_kernel(on, interpreted=on and not ON_GPU)
 
 
 def hard_data(shape: tuple[int, ...], case: str, seed: int = 0) -> np.ndarray:
@@ -87,6 +80,12 @@ def test_the_kernel_is_opt_in():
         with gpu_moments.use_kernel(False):
             assert not gpu_moments.enabled
         assert gpu_moments.enabled
+    before = gpu_moments.interpret
+    with gpu_moments.use_kernel(True, interpreted=not before):
+        assert gpu_moments.interpret is (not before)
+        with gpu_moments.use_kernel(False):  # interpreted=None leaves it alone
+            assert gpu_moments.interpret is (not before)
+    assert gpu_moments.interpret is before
 
 
 def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats(monkeypatch):

@@ -62,15 +62,19 @@ _NUM_WARPS = 4
 
 
 @contextlib.contextmanager
-def use_kernel(on: bool = True) -> Iterator[None]:
+def use_kernel(on: bool = True, *, interpreted: bool | None = None) -> Iterator[None]:
     """Within this block, trace with the kernel on (``on``) or off, whatever :data:`enabled`
-    says. Functions traced inside keep the choice (jit caches their traces)."""
-    global enabled
-    before, enabled = enabled, on
+    says, and (``interpreted`` not None) with :data:`interpret` set to ``interpreted``.
+    Functions traced inside keep the choice (jit caches their traces)."""
+    global enabled, interpret
+    before = enabled, interpret
+    enabled = on
+    if interpreted is not None:
+        interpret = interpreted
     try:
         yield
     finally:
-        enabled = before
+        enabled, interpret = before
 
 
 def channel_block(num_features: int) -> int:
