@@ -157,8 +157,12 @@ class Timer:
     :meth:`sample`, so blocks of rounds can be spread over the whole run.
 
     ``syncs[name](out)`` waits for ``fns[name]``'s result. Each function is warmed up, then
-    called ``inner`` times per sample (enough to make a sample last about 2 ms, so timer
-    resolution and Python overhead stay small).
+    every function is called the same ``inner`` times per sample (enough to make a sample of the
+    fastest last about 5 ms, so timer resolution and Python overhead stay small). One count for
+    all: JAX dispatches asynchronously, so a sample of ``n`` calls and one wait costs a
+    program of a few hundred microseconds measurably less per call as ``n`` grows; a count
+    set per function from a single timed call (1 for one, 11 for another in one measured case)
+    skewed sub-millisecond comparisons by up to 1.7x (benchmarks/NOTES.md §11).
     """
 
     def __init__(
@@ -167,14 +171,18 @@ class Timer:
         syncs: dict[str, Callable[[object], None]],
     ):
         self.fns, self.syncs = fns, syncs
-        self.inner: dict[str, int] = {}
+        call_seconds = []
         for name, fn in fns.items():
             for _ in range(3):
                 syncs[name](fn())
-            t0 = time.perf_counter()
-            syncs[name](fn())
-            elapsed = time.perf_counter() - t0
-            self.inner[name] = max(1, min(50, int(2e-3 / max(elapsed, 1e-7))))
+            calls = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                syncs[name](fn())
+                calls.append(time.perf_counter() - t0)
+            call_seconds.append(statistics.median(calls))
+        inner = max(1, min(50, int(5e-3 / max(min(call_seconds, default=1.0), 1e-7))))
+        self.inner: dict[str, int] = {name: inner for name in fns}
         self.samples: dict[str, list[float]] = {name: [] for name in fns}
         self.shuffle = np.random.default_rng(0).shuffle
 

@@ -29,3 +29,25 @@ def test_results_are_written_only_when_asked(tmp_path):
     assert where("--gpu", "--write") == (ROOT / "benchmarks" / "results_gpu.md", False)
     assert where("--write", str(tmp_path / "t.md")) == (tmp_path / "t.md", False)
     assert where("--readme") == (None, True)
+
+
+def test_every_contender_gets_the_same_calls_per_sample():
+    """run.Timer calls every function the same number of times per sample: with asynchronous
+    dispatch the cost per call of a fast program depends on that count (NOTES §11.1)."""
+    run = _run_module()
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        deadline = run.time.perf_counter() + 1e-3
+        while run.time.perf_counter() < deadline:
+            pass
+
+    timer = run.Timer({"fast": fast, "slow": slow}, {"fast": lambda _: None, "slow": lambda _: None})
+    assert timer.inner["fast"] == timer.inner["slow"] > 1  # sized by the fast one
+    before = dict(calls)
+    timer.sample(2)
+    assert calls["fast"] - before["fast"] == calls["slow"] - before["slow"] == 2 * timer.inner["slow"]
