@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/step.py                 # CPU: float32, batch 16, 96x96 (a few minutes)
     python benchmarks/step.py --gpu           # CUDA: batch 128, 128x128, bfloat16 and float32
     python benchmarks/step.py --readme        # also rewrite the step table in README.md
+    python benchmarks/step.py --control       # also time a second copy of the jaxbn step
 
 What users feel is the train step of a network, not one layer: there a batch norm's output feeds
 the next convolution, so nothing fuses across it the way a one-layer ``jax.vjp`` lets XLA fuse
@@ -16,7 +17,11 @@ is built with each norm:
 * ``flax accurate``-- ``flax.linen.BatchNorm(use_fast_variance=False)``;
 * ``no norm``      -- the same network without its norms: the rest of the step, so BN's share shows;
 * ``torch CL``     -- the same ResNet-18 in torch, channels_last memory format (``torch.autocast``
-  for bfloat16), the same optimizer, as a reference.
+  for bfloat16), the same optimizer, as a reference;
+* ``jaxbn again``  -- with ``--control`` only: a second, separately compiled copy of the ``jaxbn``
+  step. Its ratio to ``jaxbn`` is the run's noise floor: on the shared 2-core CPU the two copies
+  have differed by up to 3 % (benchmarks/NOTES.md §11.2), so smaller differences between
+  contenders are not resolved.
 
 The step is one ``jax.jit``: forward in training mode, softmax cross-entropy, gradients, optax
 SGD with momentum 0.9, the new parameters, optimizer state and running statistics -- with the
@@ -54,6 +59,7 @@ NUM_CLASSES = 1000
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of the first block)
 NORMS = ("jaxbn", "flax", "flax accurate", "no norm")
 GPU_NORMS = ("jaxbn", "jaxbn one-read", "flax", "flax accurate", "no norm")
+CONTROL = "jaxbn again"  # --control: the jaxbn step compiled a second time
 LR, MOMENTUM = 0.1, 0.9
 
 
@@ -68,7 +74,7 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
 
     import jaxbn.linen
 
-    if kind in ("jaxbn", "jaxbn one-read"):  # one-read: the opt-in GPU statistics kernel on
+    if kind in ("jaxbn", "jaxbn one-read", CONTROL):  # one-read: the opt-in GPU kernel on
         from jaxbn.functional import gpu_moments
 
         layer = jaxbn.linen.BatchNorm(dtype=dtype)
@@ -230,10 +236,10 @@ def torch_step(dtype_name: str, device: str, images: np.ndarray, labels: np.ndar
 
 
 def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, torch_ok: bool,
-            compiles: int = 2, hlo_dir: Path | None = None):
+            compiles: int = 2, hlo_dir: Path | None = None, control: bool = False):
     """Median ms per step of every contender, and the jax steps' compile seconds (jaxbn and flax:
     the fastest of ``compiles``); each jax step's optimized HLO is written to ``hlo_dir`` if
-    given."""
+    given. ``control`` adds :data:`CONTROL`, a second copy of the jaxbn step."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
@@ -242,7 +248,7 @@ def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, t
     dtype = jnp.dtype(dtype_name)
     fns, syncs, recompile = {}, {}, {}
     seconds: dict[str, list[float]] = {}
-    norms = GPU_NORMS if device == "cuda" else NORMS
+    norms = (GPU_NORMS if device == "cuda" else NORMS) + ((CONTROL,) if control else ())
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
     for norm in sorted(norms, key=lambda n: n != "no norm"):  # its compile warms the process up
@@ -265,6 +271,7 @@ def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds:
            compiles: int = 2) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     one_read = any("jaxbn one-read" in t for *_, t, _ in results)
+    control = any(CONTROL in t for *_, t, _ in results)
     lines = [
         f"Measured {date} on {bench.machine_description(device)}.",
         f"ResNet-18 train step (forward, cross-entropy, backward, optax SGD momentum, donated "
@@ -276,8 +283,10 @@ def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds:
         + ("jaxbn one-read | " if one_read else "")
         + "flax | flax accurate | no norm | torch CL | "
         "jaxbn/flax | jaxbn/flax accurate | BN share of flax | jaxbn BN / flax BN | "
-        f"compile jaxbn / flax (s, fastest of {compiles}) |",
-        "|---|---|---:|" + ("---:|" if one_read else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"compile jaxbn / flax (s, fastest of {compiles}) |"
+        + (f" {CONTROL} / jaxbn |" if control else ""),
+        "|---|---|---:|" + ("---:|" if one_read else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|" if control else ""),
     ]
     for dtype_name, batch, image, t, c in results:
         bn_jaxbn, bn_flax = t["jaxbn"] - t["no norm"], t["flax"] - t["no norm"]
@@ -289,6 +298,7 @@ def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds:
             f"{bench.ratio(t['jaxbn'], t['flax'])} | {bench.ratio(t['jaxbn'], t['flax accurate'])} | "
             f"{bn_flax / t['flax']:.0%} | {bench.ratio(bn_jaxbn, bn_flax)} | "
             f"{c['jaxbn']:.1f} / {c['flax']:.1f} |"
+            + (f" {bench.ratio(t[CONTROL], t['jaxbn'])} |" if control else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also replace the step table embedded in README.md")
     parser.add_argument("--compiles", type=int, default=2,
                         help="fresh compiles of the jaxbn and flax steps timed (the fastest counts)")
+    parser.add_argument("--control", action="store_true",
+                        help=f"also time {CONTROL!r}, a second copy of the jaxbn step (noise floor)")
     parser.add_argument("--hlo-dir", type=Path, default=None,
                         help="write the jaxbn and flax steps' optimized HLO here")
     args = parser.parse_args(argv)
@@ -328,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for dtype_name in dtypes:
         t, c = measure(dtype_name, batch, image, device, rounds, torch_ok, args.compiles,
-                       args.hlo_dir)
+                       args.hlo_dir, args.control)
         print(f"{dtype_name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
               + "; compile " + ", ".join(f"{k} {v:.1f} s" for k, v in c.items()), flush=True)
         results.append((dtype_name, batch, image, t, c))

@@ -38,7 +38,7 @@ def test_every_norm_builds_torchs_resnet18():
         p.numel() for m in torch_model.modules() if m.__class__.__name__ == "BatchNorm2d"
         for p in m.parameters()
     )
-    normed = ("jaxbn", "jaxbn one-read", "flax", "flax accurate")
+    normed = ("jaxbn", "jaxbn one-read", step.CONTROL, "flax", "flax accurate")
     assert {norm: param_count(norm) for norm in normed} == dict.fromkeys(normed, torch_params)
     assert param_count("no norm") == torch_params - torch_norm_params
 
@@ -61,6 +61,18 @@ def test_the_one_read_contender_traces_with_the_gpu_kernel(monkeypatch):
         calls[norm] = lowered.as_text().count("xla.gpu.triton")
     assert calls == {"jaxbn": 0, "jaxbn one-read": 20}
     assert not gpu_moments.enabled
+
+
+def test_the_control_column_is_the_second_jaxbn_copy_over_the_first():
+    times = {"jaxbn": 100.0, "flax": 110.0, "flax accurate": 112.0, "no norm": 90.0}
+    compile_s = {"jaxbn": 3.0, "flax": 3.0}
+    plain = step.render([("float32", 16, 96, times, compile_s)], "cpu", 5)
+    assert step.CONTROL not in plain
+    table = step.render([("float32", 16, 96, times | {step.CONTROL: 103.0}, compile_s)], "cpu", 5)
+    header, rule, row = table.strip().splitlines()[-3:]
+    assert header.rstrip(" |").endswith(f"{step.CONTROL} / jaxbn")
+    assert row.rstrip(" |").endswith("1.03")
+    assert len(header.split("|")) == len(rule.split("|")) == len(row.split("|"))
 
 
 def test_unknown_norm_is_refused_with_the_choices():
