@@ -233,6 +233,25 @@ def test_only_the_input_is_a_full_size_residual(shape, axis, training, buffers, 
     assert kept.unsafe_buffer_pointer() == xj.unsafe_buffer_pointer()
 
 
+@pytest.mark.parametrize("shape,axis,blocks", [
+    ((256, 1024), 1, (256, 1024)),  # BatchNorm1d: no unit axis between rows and channels
+    ((16, 128, 12, 12), 1, (16, 128, 144)),  # NCHW
+    ((16, 12, 12, 128), 3, (16, 144, 128)),  # NHWC: no unit axis after the channels
+    ((4, 1, 3, 5), 3, (4, 3, 5)),  # every unit axis but the leading ones goes
+    ((4, 0, 3), 2, (4, 0, 3)),  # an empty axis stays
+    ((5, 6), 0, (1, 5, 6)),
+])
+def test_reduction_views_keep_no_inner_unit_axis(shape, axis, blocks):
+    """A unit axis after the channels slows XLA:CPU's reductions ~6x, one between rows and
+    channels a few per cent (benchmarks/NOTES.md §1, §12): the views drop both."""
+    from jaxbn.functional.reductions import Layout
+
+    layout = Layout(shape, axis)
+    assert layout.blocks == blocks
+    site_shape = layout.site_shape(2)
+    assert site_shape == (1, 1) + blocks and site_shape[layout.channel_axis(2)] == shape[axis]
+
+
 def test_half_precision_residuals_and_dtypes():
     x, ct, state, params = random_problem((8, 4, 6, 5), 1, dtype=np.float32)
     state = jaxbn.init_state(4)
