@@ -17,7 +17,7 @@ from jax import lax
 
 from . import validation
 from .kernel import Normalization, normalize
-from .reductions import ChannelSums, Layout, Moments, stats_dtype
+from .reductions import ChannelSums, Layout, Moments, RunningStats, stats_dtype
 from .torch_rules import BATCH_NORM, Family, Plan, update_factor
 from .types import UNSET, BatchNormFlags, BatchNormParams, BatchNormState
 
@@ -116,9 +116,15 @@ def apply_plan(
     feature_axis: int,
     eps: Any,
     mask: jax.Array | None = None,
+    shift_from_state: bool = False,
 ) -> tuple[jax.Array, BatchNormState | None]:
     """Normalize ``x`` (validated; features on ``feature_axis``) as ``plan`` says, and update the
-    buffers if it says so. Every family's pure function ends here."""
+    buffers if it says so. Every family's pure function ends here.
+
+    ``shift_from_state``: offer ``state``'s running statistics as the shift of the batch
+    statistics (:func:`jaxbn.functional.reductions.moments`); only for a family whose running
+    statistics describe the batch being normalized (batch norm).
+    """
     layout = Layout.of(x, feature_axis, flags.axis_name, flags.axis_index_groups)
     dtype = stats_dtype(x.dtype)
     if params is None:
@@ -126,13 +132,12 @@ def apply_plan(
         bias = jnp.zeros((layout.num_features,), dtype)
     else:
         weight, bias = params.weight.astype(dtype), params.bias.astype(dtype)
-    running_mean = running_var = None
-    if not plan.uses_input_stats:
-        running_mean = lax.stop_gradient(state.running_mean)
-        running_var = lax.stop_gradient(state.running_var)
+    running = None
+    if state is not None and (not plan.uses_input_stats or shift_from_state):
+        running = jax.tree.map(lax.stop_gradient, RunningStats(*state))
 
     config = Normalization(layout, plan.uses_input_stats)
-    y, input_moments = normalize(config, x, mask, weight, bias, running_mean, running_var, eps)
+    y, input_moments = normalize(config, x, mask, weight, bias, running, eps)
 
     if plan.writes_buffers:
         count = ChannelSums(layout, mask).count(dtype)
@@ -198,5 +203,6 @@ def batch_norm(
     if call.plan.uses_input_stats and mask is None and call.flags.axis_name is None:
         validation.check_batch_size(shape, call.feature_axis)
     return apply_plan(
-        call.x, call.state, call.params, call.flags, call.plan, call.feature_axis, call.eps, mask
+        call.x, call.state, call.params, call.flags, call.plan, call.feature_axis, call.eps, mask,
+        shift_from_state=True,
     )

@@ -16,14 +16,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .reductions import ChannelSums, Layout, Moments, Site, moments, stats_dtype
+from .reductions import ChannelSums, Layout, Moments, RunningStats, Site, moments, stats_dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
     """Static description of one normalization: the input layout, and whether the statistics
     come from the input (:attr:`jaxbn.functional.torch_rules.Plan.uses_input_stats`) or are given
-    (running statistics)."""
+    (running statistics). With input statistics, running statistics passed to :func:`normalize`
+    only serve :func:`~jaxbn.functional.reductions.moments` as its shift (batch norm passes its
+    buffers; instance norm's, an average over instances, describe no one instance)."""
 
     layout: Layout
     input_stats: bool
@@ -71,19 +73,18 @@ def statistics(
     config: Normalization,
     x: jax.Array,
     mask: jax.Array | None,
-    running_mean: jax.Array | None,
-    running_var: jax.Array | None,
+    running: RunningStats | None,
     eps: jax.Array | float,
 ) -> tuple[Centering, Moments | None]:
-    """``(centering, moments)``: from the input's moments, or from the given running statistics
-    (``moments`` None)."""
+    """``(centering, moments)``: from the input's moments (shifted by ``running`` if given), or
+    from the running statistics (``moments`` None)."""
     dtype = stats_dtype(x.dtype)
     eps = jnp.asarray(eps, dtype)
     if config.input_stats:
-        m = moments(x, ChannelSums(config.layout, mask))
+        m = moments(x, ChannelSums(config.layout, mask), running)
         return Centering(m.mean, m.mean_lo, lax.rsqrt(m.biased_var + eps)), m
-    invstd = lax.rsqrt(running_var.astype(dtype) + eps)
-    return Centering(running_mean.astype(dtype), None, invstd), None
+    invstd = lax.rsqrt(running.var.astype(dtype) + eps)
+    return Centering(running.mean.astype(dtype), None, invstd), None
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -93,22 +94,22 @@ def normalize(
     mask: jax.Array | None,
     weight: jax.Array,
     bias: jax.Array,
-    running_mean: jax.Array | None,
-    running_var: jax.Array | None,
+    running: RunningStats | None,
     eps: jax.Array | float,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Batch norm's differentiable part: ``(y, input_moments)``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` in ``x``'s dtype, with the input's
-    moments (``config.input_stats``; then ``input_moments = (mean, m2)``) or the given running
-    statistics (``input_moments = ()``; they get no gradient, as in torch). ``eps`` may be
-    traced; like the running statistics it gets no gradient.
+    moments (``config.input_stats``; then ``input_moments = (mean, m2)``; ``running``, if given,
+    is only their shift) or the given running statistics (``input_moments = ()``; they get no
+    gradient, as in torch). ``eps`` may be traced; like the running statistics it gets no
+    gradient.
 
     Differentiation goes through :func:`normalize_jvp`, whose tangent map keeps no full-size
     residual but ``x`` and transposes into torch's backward formula (forward mode, reverse mode,
     vmap and higher derivatives all work).
     """
-    return normalize_forward(config, (x, mask, weight, bias, running_mean, running_var, eps))[0]
+    return normalize_forward(config, (x, mask, weight, bias, running, eps))[0]
 
 
 def normalize_forward(
@@ -118,8 +119,8 @@ def normalize_forward(
 
     ``primals`` are :func:`normalize`'s array arguments, in order.
     """
-    x, mask, weight, bias, running_mean, running_var, eps = primals
-    c, m = statistics(config, x, mask, running_mean, running_var, eps)
+    x, mask, weight, bias, running, eps = primals
+    c, m = statistics(config, x, mask, running, eps)
     y = affine_normalize(config.layout, x, c.mean, c.mean_lo, c.invstd * weight, bias)
     return (y.astype(x.dtype), ((m.mean, m.m2) if m is not None else ())), c
 
@@ -197,7 +198,7 @@ def normalize_tangent(
 def normalize_jvp(config: Normalization, primals: tuple, tangents: tuple) -> tuple:
     """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`."""
     x, mask, weight, *_ = primals
-    x_dot, _, weight_dot, bias_dot, _, _, _ = tangents
+    x_dot, _, weight_dot, bias_dot, _, _ = tangents
     out, centering = normalize_forward(config, primals)
     out_dot = normalize_tangent(
         config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot)

@@ -56,6 +56,7 @@ class Site(enum.IntEnum):
     MEAN = 0  # the forward sum of x - shift
     M2 = 1  # the forward sum of squared deviations
     TANGENT = 2  # the tangent's x_hat * (...) term, whose transpose is the backward's reduction
+    RESIDUAL = 3  # the exact residual of a mean shifted by untrusted running statistics
 
 
 class Moments(NamedTuple):
@@ -85,6 +86,15 @@ class Moments(NamedTuple):
     def unbiased_var(self) -> jax.Array:
         """``m2 / (count - 1)``: the variance torch folds into ``running_var``."""
         return self.m2 / (self.count - 1)
+
+
+class RunningStats(NamedTuple):
+    """A layer's running statistics (torch's buffers): what eval normalizes with, and in training
+    the shift :func:`moments` may take instead of reading one from the batch."""
+
+    mean: jax.Array
+    var: jax.Array
+    batches: jax.Array  # num_batches_tracked
 
 
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -305,17 +315,35 @@ class ChannelSums:
         return jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
 
 
-def moments(x: jax.Array, sums: ChannelSums) -> Moments:
+def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None) -> Moments:
     """Per-channel moments of the (global, unmasked part of the) batch.
 
     Two reads of ``x`` (:func:`two_pass`); on a CUDA GPU, with the opt-in kernel on where it
-    applies, one (:func:`one_read`), with the same accuracy and the same derivatives.
+    applies, one (:func:`one_read`), with the same accuracy and the same derivatives. On the CPU,
+    given the layer's ``running`` statistics, they are the shift where they can be trusted
+    (:func:`running_shifted`): the same two reads, one kernel fewer before the first.
 
     Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
     NaN mean; callers must not use it (torch leaves running statistics untouched then).
     """
     dtype = stats_dtype(x.dtype)
     count = sums.count(dtype)
+    lay = sums.layout
+    data = partial(data_shifted, sums, count)
+    if running is None or not isinstance(count, int) or count == 0 or not lay.views:
+        mean, m2, mean_lo = data(x)
+    else:
+        mean, m2, mean_lo = lax.platform_dependent(
+            x, running, cpu=partial(running_shifted, sums, count), default=lambda x, _: data(x)
+        )
+    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
+
+
+def data_shifted(
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(mean, m2, mean_lo)`` shifted by a value read from the batch (:meth:`ChannelSums.shift`)."""
+    dtype = stats_dtype(x.dtype)
     shift = sums.shift(x, dtype)
     lay = sums.layout
     if not gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
@@ -330,7 +358,56 @@ def moments(x: jax.Array, sums: ChannelSums) -> Moments:
             default=partial(two_pass, sums, count),
         )
     mean, mean_lo = shifted_mean(shift, offset)
-    return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
+    return mean, m2, mean_lo
+
+
+RUNNING_SHIFT_TRUST = 4.0
+"""How far (in running standard deviations) the batch mean may lie from the running mean for the
+running mean to serve as the shift with a data element's accuracy: an element of normal data
+lies this near its mean with probability 0.99994."""
+
+
+def trusts_running_shift(running: RunningStats, offset: jax.Array) -> jax.Array:
+    """Whether the running mean shifted the batch as well as a data element would: the layer has
+    seen a batch, and every channel's batch mean lies within :data:`RUNNING_SHIFT_TRUST` running
+    standard deviations of it (``offset`` is batch mean minus running mean). A non-finite running
+    statistic or offset anywhere says no."""
+    spread = RUNNING_SHIFT_TRUST * jnp.sqrt(running.var.astype(offset.dtype))
+    within = jnp.isfinite(running.mean) & jnp.isfinite(spread) & (jnp.abs(offset) <= spread)
+    return (running.batches > 0) & jnp.all(within)
+
+
+def running_shifted(
+    sums: ChannelSums, count: int, x: jax.Array, running: RunningStats
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(mean, m2, mean_lo)`` with the running mean as the shift: as accurate as a data element,
+    without reading one first.
+
+    :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel
+    on every norm's critical path, which costs XLA:CPU's train steps more than its size (a
+    thread hand-off; benchmarks/NOTES.md §12). The running mean is known before the batch.
+    It is trusted when the layer has seen a batch and every channel's shifted mean lies within
+    :data:`RUNNING_SHIFT_TRUST` running standard deviations of it; then the float32 sum of
+    ``x - shift`` is as accurate as with a data element, and ``mean_lo`` is ``mean``'s rounding
+    residual as in :func:`two_pass`. Otherwise (a fresh layer, stale or non-finite statistics) a
+    third read -- run only then, beside the second (``lax.cond``) -- measures the exact residual
+    ``mean(x - mean)``, whatever the shift's accumulation error was.
+    """
+    dtype = stats_dtype(x.dtype)
+    shift = running.mean.astype(dtype)
+    shift = jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
+    inv_count = 1.0 / count  # a multiply: XLA:CPU fuses it, where a divide gets its own kernel
+    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
+    mean, rounding = shifted_mean(shift, offset)
+
+    def residual(x: jax.Array, mean: jax.Array) -> jax.Array:
+        return sums.sum(lambda x, m: x.astype(dtype) - m, (x,), (mean,), site=Site.RESIDUAL) * inv_count
+
+    trusted = trusts_running_shift(running, offset)
+    mean_lo = lax.cond(trusted, lambda x, mean: rounding, residual, x, mean)
+    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
+    m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # as in two_pass
+    return mean, m2, mean_lo
 
 
 def shifted_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,102 @@
+"""The running mean as the shift of the batch statistics (``reductions.running_shifted``).
+
+On the CPU a training call with buffers sums ``x - running_mean`` instead of reading a shift from
+the batch first. Whether or not the running mean can be trusted as a shift, the statistics must
+keep two-pass accuracy at a mean of 1e5 standard deviations: torch in float64 is the
+oracle. A plain float32 mean of this data errs by more than 1e-3, so a path that
+trusted a far-off shift (or skipped the residual read) breaks the 1e-3 bound on ``y``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from helpers import max_abs_diff
+from jaxbn import BatchNormFlags, BatchNormState
+from jaxbn.functional.reductions import RunningStats, trusts_running_shift
+from jaxbn.testing import oracle as torch_oracle
+
+C = 64
+SHAPE = (32, 28, 28, C)  # NHWC; 25,088 elements per channel, as in test_fast_path
+RNG = np.random.default_rng(41)
+X = (1e5 + RNG.standard_normal(SHAPE)).astype(np.float32)
+BATCH_MEAN = X.astype(np.float64).mean(axis=(0, 1, 2))
+
+
+def state(mean, var, batches):
+    return BatchNormState(
+        jnp.asarray(np.broadcast_to(mean, (C,)), jnp.float32),
+        jnp.asarray(np.broadcast_to(var, (C,)), jnp.float32),
+        jnp.asarray(batches, jnp.int32),
+    )
+
+
+STATES = {
+    # the running mean within half a standard deviation of the batch's: trusted as the shift
+    "tracking": (BATCH_MEAN + 0.5, 1.0, 7),
+    # the same statistics in a layer that has seen no batch: not trusted
+    "fresh layer": (BATCH_MEAN + 0.5, 1.0, 0),
+    # torch's initial buffers against data at 1e5: the shift is 1e5 standard deviations off
+    "initial buffers": (0.0, 1.0, 0),
+    # statistics of other data in a layer that has seen batches: not trusted
+    "stale": (0.0, 1.0, 7),
+    "non-finite mean": (np.nan, 1.0, 7),
+    "infinite variance": (BATCH_MEAN, np.inf, 7),
+}
+
+
+@pytest.mark.parametrize("name", STATES)
+def test_statistics_keep_two_pass_accuracy_whatever_the_running_mean(name):
+    flags = BatchNormFlags(axis=-1)
+    given = state(*STATES[name])
+    y, new = jax.jit(jaxbn.batch_norm, static_argnums=3)(jnp.asarray(X), given, None, flags)
+    as64 = jax.tree.map(lambda a: np.asarray(a, np.float64), given)
+    reference, expected = torch_oracle.batch_norm(X.astype(np.float64), as64, None, flags)
+    assert max_abs_diff(y, reference) <= 1e-3
+    finite = np.isfinite(np.asarray(expected.running_mean))  # NaN buffers stay NaN in both
+    assert np.array_equal(finite, np.isfinite(np.asarray(new.running_mean)))
+    for field in ("running_mean", "running_var"):
+        e, a = np.asarray(getattr(expected, field)), np.asarray(getattr(new, field), np.float64)
+        np.testing.assert_allclose(a[finite], e[finite], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mean,var,batches,offset,trusted",
+    [
+        (0.0, 1.0, 1, np.full(C, 3.9), True),
+        (5.0, 1.0, 1, np.full(C, -3.9), True),
+        (0.0, 1.0, 1, np.r_[np.zeros(C - 1), 4.1], False),  # one channel too far is enough
+        (0.0, 1.0, 0, np.full(C, 3.9), False),  # a fresh layer
+        (0.0, 4.0, 1, np.full(C, 7.9), True),  # in running standard deviations, not units
+        (0.0, np.nan, 1, np.zeros(C), False),
+        (0.0, np.inf, 1, np.zeros(C), False),
+        (np.nan, 1.0, 1, np.zeros(C), False),
+        (np.inf, 1.0, 1, np.zeros(C), False),
+        (0.0, 1.0, 1, np.r_[np.zeros(C - 1), np.nan], False),
+    ],
+)
+def test_the_running_mean_is_trusted_only_within_four_running_deviations(mean, var, batches,
+                                                                        offset, trusted):
+    running = RunningStats(jnp.full((C,), mean, jnp.float32), jnp.full((C,), var, jnp.float32),
+                           jnp.asarray(batches, jnp.int32))
+    assert bool(trusts_running_shift(running, jnp.asarray(offset, jnp.float32))) is trusted
+
+
+def cpu_program(with_state: bool) -> str:
+    x = jnp.zeros((8, 4, 4, C), jnp.float32)
+    flags = BatchNormFlags(axis=-1)
+    if with_state:
+        fn = jax.jit(lambda x, s: jaxbn.batch_norm(x, s, None, flags)[0])
+        return fn.lower(x, jaxbn.init_state(C)).compile().as_text()
+    return jax.jit(lambda x: jaxbn.batch_norm(x, None, None, flags)[0]).lower(x).compile().as_text()
+
+
+def test_with_buffers_the_cpu_program_reads_no_shift_from_the_batch():
+    """The point of the running shift: no kernel slices the batch before its first sum. Without
+    buffers the shift is still read from the batch (the first row), a slice."""
+    with_state, without = cpu_program(True), cpu_program(False)
+    assert " slice(" not in with_state and "dynamic-slice(" not in with_state
+    assert "conditional(" in with_state  # the residual read, for untrusted running statistics
+    assert " slice(" in without or "dynamic-slice(" in without
