@@ -93,6 +93,15 @@ def cpu_program(with_state: bool) -> str:
     return jax.jit(lambda x: jaxbn.batch_norm(x, None, None, flags)[0]).lower(x).compile().as_text()
 
 
+def test_where_cpu_is_not_the_default_backend_the_shift_is_read_from_the_batch(monkeypatch):
+    """An XLA:GPU conditional reads its predicate on the host: with a GPU as the default backend
+    the statistics keep the data shift (the decision is taken at trace time)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    program = cpu_program(True)  # compiled for the CPU all the same, traced as for the GPU
+    assert "conditional(" not in program
+    assert " slice(" in program or "dynamic-slice(" in program
+
+
 def test_with_buffers_the_cpu_program_reads_no_shift_from_the_batch():
     """The point of the running shift: no kernel slices the batch before its first sum. Without
     buffers the shift is still read from the batch (the first row), a slice."""

@@ -134,7 +134,8 @@ def apply_plan(
         weight, bias = params.weight.astype(dtype), params.bias.astype(dtype)
     running = None
     if state is not None and (not plan.uses_input_stats or shift_from_state):
-        running = jax.tree.map(lax.stop_gradient, RunningStats(*state))
+        running = RunningStats(state.running_mean, state.running_var, state.num_batches_tracked)
+        running = jax.tree.map(lax.stop_gradient, running)
 
     config = Normalization(layout, plan.uses_input_stats)
     y, input_moments = normalize(config, x, mask, weight, bias, running, eps)

@@ -10,10 +10,11 @@ mean: what torch's kernels compute (``var_sum``), what the unbiased running-vari
 Accuracy before speed, at two reads of the input:
 
 1. the mean is reduced from ``x - shift``, with a per-channel ``shift`` taken from the data (the
-   first valid element of each channel), so a large common offset (data with mean 1e4 and unit
-   variance, say) never enters the float32 accumulator; the mean is kept as ``mean + mean_lo``
-   (a float32 value and the rounding residual) so normalizing ``(x - mean) - mean_lo`` loses no
-   digits either;
+   first valid element of each channel) -- or, on the CPU in training, the layer's running mean
+   where it lies as close (:func:`running_shifted`) -- so a large common offset (data with mean
+   1e4 and unit variance, say) never enters the float32 accumulator; the mean is kept as
+   ``mean + mean_lo`` (a float32 value and the rounding residual) so normalizing
+   ``(x - mean) - mean_lo`` loses no digits either;
 2. ``m2`` is reduced from the squared deviations from that mean (two-pass), never as
    ``E[x^2] - E[x]^2``. Half-precision inputs are accumulated in float32 (torch's ``opmath``).
 
@@ -329,13 +330,22 @@ def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None
     dtype = stats_dtype(x.dtype)
     count = sums.count(dtype)
     lay = sums.layout
-    data = partial(data_shifted, sums, count)
-    if running is None or not isinstance(count, int) or count == 0 or not lay.views:
-        mean, m2, mean_lo = data(x)
-    else:
+    # The running shift is for XLA:CPU, JAX's default backend at trace time: a traced count (mask,
+    # axis_name), an empty batch, explicit sharding, another default backend or the interpreted
+    # GPU kernel (which tests run everywhere) keep the data shift. lax.platform_dependent would
+    # decide by the lowering platform, but its switch cost ~25 ms of tracing per norm (NOTES
+    # §12.3); the two paths agree to rounding, so it is only used where the opt-in GPU kernel
+    # must stay reachable from a CPU host (lowering for cuda).
+    if (running is None or not isinstance(count, int) or count == 0 or not lay.views
+            or jax.default_backend() != "cpu" or gpu_moments.interpret):
+        mean, m2, mean_lo = data_shifted(sums, count, x)
+    elif gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, False, False):
         mean, m2, mean_lo = lax.platform_dependent(
-            x, running, cpu=partial(running_shifted, sums, count), default=lambda x, _: data(x)
+            x, running, cpu=partial(running_shifted, sums, count),
+            default=lambda x, _: data_shifted(sums, count, x),
         )
+    else:
+        mean, m2, mean_lo = running_shifted(sums, count, x, running)
     return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 
 
@@ -383,7 +393,8 @@ def running_shifted(
     """``(mean, m2, mean_lo)`` with the running mean as the shift: as accurate as a data element,
     without reading one first.
 
-    :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel
+    For XLA:CPU (:func:`moments` decides): an XLA:GPU conditional would read its predicate on the
+    host. :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel
     on every norm's critical path, which costs XLA:CPU's train steps more than its size (a
     thread hand-off; benchmarks/NOTES.md §12). The running mean is known before the batch.
     It is trusted when the layer has seen a batch and every channel's shifted mean lies within
