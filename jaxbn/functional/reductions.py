@@ -352,7 +352,8 @@ def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None
 def data_shifted(
     sums: ChannelSums, count: int | jax.Array, x: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(mean, m2, mean_lo)`` shifted by a value read from the batch (:meth:`ChannelSums.shift`)."""
+    """``(mean, m2, mean_lo)``, shifted by a value read from the batch
+    (:meth:`ChannelSums.shift`)."""
     dtype = stats_dtype(x.dtype)
     shift = sums.shift(x, dtype)
     lay = sums.layout
@@ -393,32 +394,29 @@ def running_shifted(
     """``(mean, m2, mean_lo)`` with the running mean as the shift: as accurate as a data element,
     without reading one first.
 
-    For XLA:CPU (:func:`moments` decides): an XLA:GPU conditional would read its predicate on the
-    host. :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel
-    on every norm's critical path, which costs XLA:CPU's train steps more than its size (a
-    thread hand-off; benchmarks/NOTES.md §12). The running mean is known before the batch.
-    It is trusted when the layer has seen a batch and every channel's shifted mean lies within
-    :data:`RUNNING_SHIFT_TRUST` running standard deviations of it; then the float32 sum of
-    ``x - shift`` is as accurate as with a data element, and ``mean_lo`` is ``mean``'s rounding
-    residual as in :func:`two_pass`. Otherwise (a fresh layer, stale or non-finite statistics) a
-    third read -- run only then, beside the second (``lax.cond``) -- measures the exact residual
-    ``mean(x - mean)``, whatever the shift's accumulation error was.
+    :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel on
+    every norm's critical path, which costs XLA:CPU's train steps far more than its work
+    (benchmarks/NOTES.md §12). The running mean is known before the batch. It is trusted
+    (:func:`trusts_running_shift`) when the layer has seen a batch and every channel's batch mean
+    lies within :data:`RUNNING_SHIFT_TRUST` running standard deviations of it; then the float32
+    sum of ``x - shift`` is as accurate as with a data element, and ``mean_lo`` is ``mean``'s
+    rounding residual, as in :func:`two_pass`. Otherwise (a fresh layer, stale or non-finite
+    statistics) a third read -- run only then (``lax.cond``), beside the second -- measures the
+    exact residual ``mean(x - mean)``, whatever the shift's accumulation error was. For XLA:CPU
+    only (:func:`moments` decides): an XLA:GPU conditional reads its predicate on the host.
     """
     dtype = stats_dtype(x.dtype)
     shift = running.mean.astype(dtype)
     shift = jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
-    inv_count = 1.0 / count  # a multiply: XLA:CPU fuses it, where a divide gets its own kernel
-    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
+    offset = mean_offset(sums, count, x, shift)
     mean, rounding = shifted_mean(shift, offset)
 
     def residual(x: jax.Array, mean: jax.Array) -> jax.Array:
-        return sums.sum(lambda x, m: x.astype(dtype) - m, (x,), (mean,), site=Site.RESIDUAL) * inv_count
+        return mean_offset(sums, count, x, mean, site=Site.RESIDUAL)
 
     trusted = trusts_running_shift(running, offset)
     mean_lo = lax.cond(trusted, lambda x, mean: rounding, residual, x, mean)
-    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
-    m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # as in two_pass
-    return mean, m2, mean_lo
+    return mean, deviations_m2(sums, count, x, mean, mean_lo), mean_lo
 
 
 def shifted_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -431,20 +429,36 @@ def shifted_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Ar
     return mean, (shift - mean) + offset
 
 
+def mean_offset(
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array, shift: jax.Array,
+    site: Site = Site.MEAN,
+) -> jax.Array:
+    """``mean(x - shift)`` per channel, one read of ``x`` at reduction site ``site``: small
+    numbers in the float32 accumulator whatever the offset of the data, for a shift near it."""
+    dtype = shift.dtype
+    inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
+    # A multiply: XLA:CPU fuses it into the consumer, where a divide would get its own kernel.
+    return sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=site) * inv_count
+
+
+def deviations_m2(
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array, mean: jax.Array, mean_lo: jax.Array
+) -> jax.Array:
+    """``m2``: the squared deviations from the float ``mean`` (one read of ``x``, site ``M2``),
+    corrected by ``mean_lo``, the rest of the exact mean (a second-order term)."""
+    dtype = mean.dtype
+    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
+    return jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
+
+
 def two_pass(
     sums: ChannelSums, count: int | jax.Array, x: jax.Array, shift: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(mean - shift, m2)`` in two reads of ``x``: the shifted sum, then the squared
     deviations from the (rounded) mean, corrected by the mean's rounding residual."""
-    dtype = shift.dtype
-    inv_count = 1.0 / count if isinstance(count, int) and count else 1.0 / jnp.asarray(count, dtype)
-    # Site MEAN: sum of x - shift (small numbers whatever the offset of the data).
-    offset = sums.sum(lambda x, s: x.astype(dtype) - s, (x,), (shift,), site=Site.MEAN) * inv_count
+    offset = mean_offset(sums, count, x, shift)
     mean, mean_lo = shifted_mean(shift, offset)
-    # Site M2: squared deviations from the rounded mean; the exact-mean correction is second order.
-    m2 = sums.sum(lambda x, m: jnp.square(x.astype(dtype) - m), (x,), (mean,), site=Site.M2)
-    m2 = jnp.maximum(m2 - count * jnp.square(mean_lo), 0)  # never negative by rounding
-    return offset, m2
+    return offset, deviations_m2(sums, count, x, mean, mean_lo)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
