@@ -2,9 +2,9 @@
 
 On the CPU a training call with buffers sums ``x - running_mean`` instead of reading a shift from
 the batch first. Whether or not the running mean can be trusted as a shift, the statistics must
-keep two-pass accuracy at a mean of 1e5 standard deviations: torch in float64 is the
-oracle. A plain float32 mean of this data errs by more than 1e-3, so a path that
-trusted a far-off shift (or skipped the residual read) breaks the 1e-3 bound on ``y``.
+stay exact for data at a mean of 1e5 standard deviations, with torch in float64 as the oracle. A
+plain float32 mean of this data errs by more than 1e-3, so a path that trusted a far-off shift
+(or skipped the residual read) breaks the 1e-3 bound on ``y``.
 """
 
 import jax

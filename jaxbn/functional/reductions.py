@@ -68,9 +68,10 @@ class Moments(NamedTuple):
         known at trace time).
       mean: per-channel mean, shape ``(C,)``, in :func:`stats_dtype` of the input.
       m2: per-channel sum of squared deviations from the mean (torch's ``var_sum``).
-      mean_lo: what ``mean`` lost to rounding: the exact mean is ``mean + mean_lo`` (``0.0``
-        when not tracked). Normalizing with ``(x - mean) - mean_lo`` keeps full precision for
-        data whose mean is large relative to its spread.
+      mean_lo: the rest of the exact mean, ``mean + mean_lo`` (``mean``'s rounding residual, or
+        a measured ``mean(x - mean)`` where the shift was untrusted; ``0.0`` when not tracked).
+        Normalizing with ``(x - mean) - mean_lo`` keeps full precision for data whose mean is
+        large relative to its spread.
     """
 
     count: int | jax.Array
