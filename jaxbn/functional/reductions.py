@@ -287,9 +287,7 @@ class ChannelSums:
         spread over devices contribute their average instead: across ``axis_name`` each device's
         first valid row, and when the rows are explicitly sharded, every valid row (a slice of
         ``N x C`` elements, no device needs another's row). Any finite value is correct; one
-        close to the data keeps the sums small. A non-finite one (an inf or NaN element read
-        first) is replaced by 0: subtracting it would turn a channel holding ``inf`` into NaN
-        (``inf - inf``) where torch's mean is ``inf``.
+        close to the data keeps the sums small (:func:`finite_shift`).
         """
         lay = self.layout
         sharded = lay.spec or (None,) * len(lay.shape)
@@ -314,7 +312,14 @@ class ChannelSums:
             shift = total / count
         else:
             shift = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.zeros((), dtype))
-        return jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
+        return finite_shift(shift)
+
+
+def finite_shift(shift: jax.Array) -> jax.Array:
+    """``shift`` with its non-finite values (an inf or NaN element read first, or in a running
+    mean) replaced by 0: subtracting one would turn a channel holding ``inf`` into NaN
+    (``inf - inf``) where torch's mean is ``inf``."""
+    return jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), shift.dtype))
 
 
 def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None) -> Moments:
@@ -406,9 +411,7 @@ def running_shifted(
     exact residual ``mean(x - mean)``, whatever the shift's accumulation error was. For XLA:CPU
     only (:func:`moments` decides): an XLA:GPU conditional reads its predicate on the host.
     """
-    dtype = stats_dtype(x.dtype)
-    shift = running.mean.astype(dtype)
-    shift = jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dtype))
+    shift = finite_shift(running.mean.astype(stats_dtype(x.dtype)))
     offset = mean_offset(sums, count, x, shift)
     mean, rounding = shifted_mean(shift, offset)
 
