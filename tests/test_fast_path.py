@@ -252,6 +252,66 @@ def test_reduction_views_keep_no_inner_unit_axis(shape, axis, blocks):
     assert site_shape == (1, 1) + blocks and site_shape[layout.channel_axis(2)] == shape[axis]
 
 
+def backward_reductions_wait(shape, axis, dtype):
+    """For one layer's ``vjp`` (training, buffers), whether each reduction over both ``dy`` and
+    ``x`` depends on the forward's ``invstd`` (found among the residuals by its value)."""
+    from jax.extend import core as jcore
+
+    rng = np.random.default_rng(0)
+    c = shape[axis]
+    x = jnp.asarray(rng.standard_normal(shape), dtype)
+    state = jaxbn.init_state(c, dtype)._replace(num_batches_tracked=jnp.asarray(1, jnp.int32))
+    flags = jaxbn.BatchNormFlags(training=True, axis=axis)
+    params = jaxbn.init_params(c, dtype)
+    _, vjp, _ = jax.vjp(lambda x: jaxbn.batch_norm(x, state, params, flags), x, has_aux=True)
+    closed = jax.make_jaxpr(vjp)(x)
+    batch = np.asarray(x, np.float64)
+    invstd = 1 / np.sqrt(batch.var(axis=tuple(a for a in range(x.ndim) if a != axis)) + 1e-5)
+    sources = {v: {"dy"} for v in closed.jaxpr.invars}
+    for v, value in zip(closed.jaxpr.constvars, map(np.asarray, closed.consts)):
+        if value.shape == x.shape and np.array_equal(value, np.asarray(x)):
+            sources[v] = {"x"}
+        elif value.shape == (c,) and np.allclose(value, invstd, rtol=1e-4):
+            sources[v] = {"invstd"}
+    waits = []
+
+    def walk(jaxpr, sources):  # what each variable is computed from, through nested jaxprs
+        for eqn in jaxpr.eqns:
+            ins = [set() if isinstance(v, jcore.Literal) else sources.get(v, set())
+                   for v in eqn.invars]
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            if inner is not None:
+                inner = getattr(inner, "jaxpr", inner)
+                inner_sources = dict(zip(inner.invars, ins))
+                walk(inner, inner_sources)
+                outs = [set() if isinstance(v, jcore.Literal) else inner_sources.get(v, set())
+                        for v in inner.outvars]
+            else:
+                outs = [set().union(*ins)] * len(eqn.outvars)
+                if eqn.primitive.name == "reduce_sum" and {"x", "dy"} <= outs[0]:
+                    waits.append("invstd" in outs[0])
+            sources.update(zip(eqn.outvars, outs))
+
+    walk(closed.jaxpr, sources)
+    return waits
+
+
+@pytest.mark.parametrize("shape,axis,dtype,waits", [
+    ((256, 1024), 1, jnp.float32, False),  # BatchNorm1d, 1 MiB
+    ((256, 1024), 1, jnp.bfloat16, False),
+    ((16, 12, 12, 128), 3, jnp.float32, False),  # 1.1 MiB
+    ((512, 1024), 1, jnp.float32, False),  # 2 MiB: the threshold itself
+    ((513, 1024), 1, jnp.float32, True),
+    ((32, 7, 7, 512), 3, jnp.float32, True),  # 3.1 MiB
+    ((1024, 1024), 1, jnp.bfloat16, False),  # 2 MiB of bfloat16
+])
+def test_backward_reduction_waits_for_invstd_only_for_large_inputs(shape, axis, dtype, waits):
+    """The backward's reduction waits for the forward's ``invstd`` above 2 MiB per input, where
+    starting early oversubscribes XLA:CPU's cores, and starts as soon as the mean is known below
+    it, where that is faster (``kernel.backward_waits``; benchmarks/NOTES.md §13)."""
+    assert backward_reductions_wait(shape, axis, dtype) == [waits]
+
+
 def test_half_precision_residuals_and_dtypes():
     x, ct, state, params = random_problem((8, 4, 6, 5), 1, dtype=np.float32)
     state = jaxbn.init_state(4)

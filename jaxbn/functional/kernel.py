@@ -9,6 +9,7 @@ No torch rule lives here: :class:`Normalization` says whether the statistics com
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -125,6 +126,26 @@ def normalize_forward(
     return (y.astype(x.dtype), ((m.mean, m.m2) if m is not None else ())), c
 
 
+BACKWARD_WAIT_BYTES = 2 * 2**20
+"""Inputs larger than this make the backward pass's reduction wait for the forward's ``invstd``
+(:func:`backward_waits`)."""
+
+
+def backward_waits(layout: Layout, dtype: jnp.dtype) -> bool:
+    """Whether the backward pass's reduction ``sum(dy * (x - mean))`` waits for ``invstd``.
+
+    Only a program that holds ``dy`` while the forward pass still runs -- one layer's ``vjp``
+    with ``dy`` given, as in a layer benchmark -- can start that reduction early; in a network
+    ``dy`` arrives after the forward pass and the wait changes nothing. When it can: inputs
+    larger than :data:`BACKWARD_WAIT_BYTES` (out of cache) run faster if it waits, because on
+    XLA:CPU it would otherwise run beside the forward's second reduction and normalize pass and
+    oversubscribe the cores (~10 % at 25.7 MB); smaller ones run faster if it does not
+    (BatchNorm1d ``256 x 1024``: ~7 %). See benchmarks/NOTES.md §1 and §13. The wait is
+    ``mean + 0 * invstd``, which IEEE arithmetic does not let XLA fold.
+    """
+    return math.prod(layout.shape) * jnp.dtype(dtype).itemsize > BACKWARD_WAIT_BYTES
+
+
 @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(0,))
 def normalize_tangent(
     config: Normalization,
@@ -180,11 +201,8 @@ def normalize_tangent(
     # x_hat * coefficient = (x - mean) * (invstd * coefficient) - mean_lo * invstd * coefficient:
     # one broadcast in the transposed reduction sum(dy * (x - mean)) (each broadcast costs
     # XLA:CPU's reduction as much as a read), the rest folds into sum(dy).
-    # The centre is the mean made to wait for invstd (0 * invstd is not folded: IEEE): XLA:CPU
-    # would otherwise run this reduction concurrently with the forward pass's second reduction
-    # and normalize pass, oversubscribing the cores (measured ~10% slower train step).
     slope = invstd * coefficient
-    center = mean + 0 * invstd
+    center = mean + 0 * invstd if backward_waits(layout, x.dtype) else mean
     y_dot = y_dot + layout.unview(
         (layout.view(x, Site.TANGENT).astype(dtype) - layout.channel_view(center, Site.TANGENT))
         * layout.channel_view(slope, Site.TANGENT)
