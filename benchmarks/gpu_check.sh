@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The device check of issue 13 as one prepared script, for a session lent a CUDA machine. Each
 # part has its own time limit and runs even if an earlier one failed; everything lands in
-# ${OUT:-benchmarks/gpu_out}/ (six files: log.txt, the tables, the steps' optimized HLO):
+# ${OUT:-benchmarks/gpu_out}/ (seven files: log.txt, the tables, the steps' optimized HLO, the
+# profile's device events):
 #   1. tests/test_gpu_moments.py on the GPU (the compiled Triton kernel, not the interpreter);
 #   2. the whole ResNet-18 step (step.py --gpu), with the kernel on and off;
-#   3. the statistics alone: XLA two-pass vs the one-read kernel's tilings (variants.py);
+#   3. where the step's time goes, kernel by kernel (profile_step.py --gpu): what one norm adds
+#      in kernels, kernel time and idle time, for jaxbn (kernel off and on) and flax;
 #   4. the layer table (run.py --gpu);
 #   5. the float32 accuracy table with the compiled kernel (variants.py --accuracy).
+# The statistics alone (variants.py --gpu --statistics, NOTES §9.2) are no longer part of it.
 # Commit the tables with the machine named in them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +33,9 @@ part 60 tests "$python" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_mom
 part 170 step "$python" benchmarks/step.py --gpu --rounds 20 --compiles 1 \
   --hlo-dir "$out/hlo" --out "$out/results_step_gpu.md"
 [ -d "$out/hlo" ] && tar czf "$out/hlo.tar.gz" -C "$out" hlo && rm -rf "$out/hlo"
-part 100 statistics sh -c "'$python' benchmarks/variants.py --gpu --statistics --rounds 10 \
-  > '$out/statistics_gpu.md'"
+part 120 profile "$python" benchmarks/profile_step.py --gpu --steps 10 --contender jaxbn \
+  --contender "jaxbn one-read" --contender flax --out "$out/profile_gpu.md" \
+  --events "$out/profile_events.csv.gz"
 part 90 layers "$python" benchmarks/run.py --gpu --rounds 20 --out "$out/results_gpu.md"
 part 30 accuracy sh -c "'$python' benchmarks/variants.py --gpu --accuracy > '$out/accuracy_gpu.md'"
 echo "=== done ($(date -u +%H:%M:%S))" >> "$log"
