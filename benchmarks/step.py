@@ -13,6 +13,9 @@ the next convolution, so nothing fuses across it the way a one-layer ``jax.vjp``
 is built with each norm:
 
 * ``jaxbn``        -- ``jaxbn.linen.BatchNorm`` (torch's semantics, two-pass float32 statistics);
+* ``jaxbn one-read``, ``jaxbn no barrier`` -- on a GPU only: the same with the opt-in one-read
+  statistics kernel on (``gpu_moments.use_kernel``), and with the backward's rematerialization
+  free of its CSE barrier (``kernel.cse_barrier(False)``; benchmarks/NOTES.md §14.4);
 * ``flax``         -- ``flax.linen.BatchNorm`` (its default fast variance ``E[x²] - E[x]²``);
 * ``flax accurate``-- ``flax.linen.BatchNorm(use_fast_variance=False)``;
 * ``no norm``      -- the same network without its norms: the rest of the step, so BN's share shows;
@@ -58,7 +61,8 @@ import run as bench  # noqa: E402
 NUM_CLASSES = 1000
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of the first block)
 NORMS = ("jaxbn", "flax", "flax accurate", "no norm")
-GPU_NORMS = ("jaxbn", "jaxbn one-read", "flax", "flax accurate", "no norm")
+GPU_NORMS = ("jaxbn", "jaxbn one-read", "jaxbn no barrier", "flax", "flax accurate", "no norm")
+VARIANTS = ("jaxbn one-read", "jaxbn no barrier")  # GPU-only settings of the jaxbn step
 CONTROL = "jaxbn again"  # --control: the jaxbn step compiled a second time
 LR, MOMENTUM = 0.1, 0.9
 
@@ -74,14 +78,16 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
 
     import jaxbn.linen
 
-    if kind in ("jaxbn", "jaxbn one-read", CONTROL):  # one-read: the opt-in GPU kernel on
-        from jaxbn.functional import gpu_moments
+    if kind in ("jaxbn", CONTROL, *VARIANTS):
+        from jaxbn.functional import gpu_moments, kernel
 
         layer = jaxbn.linen.BatchNorm(dtype=dtype)
-        kernel = gpu_moments.use_kernel if kind == "jaxbn one-read" else contextlib.nullcontext
+        setting = {"jaxbn one-read": gpu_moments.use_kernel,
+                   "jaxbn no barrier": lambda: kernel.cse_barrier(False)
+                   }.get(kind, contextlib.nullcontext)
 
         def norm(x, train):
-            with kernel():
+            with setting():
                 return layer(x, train=train)
 
         return norm
@@ -270,7 +276,7 @@ def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, t
 def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds: int,
            compiles: int = 2) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    one_read = any("jaxbn one-read" in t for *_, t, _ in results)
+    variants = [v for v in VARIANTS if any(v in t for *_, t, _ in results)]
     control = any(CONTROL in t for *_, t, _ in results)
     lines = [
         f"Measured {date} on {bench.machine_description(device)}.",
@@ -280,22 +286,24 @@ def render(results: list[tuple[str, int, int, dict, dict]], device: str, rounds:
         f"{' --gpu' if device == 'cuda' else ''}`.",
         "",
         "| dtype | batch × image | jaxbn | "
-        + ("jaxbn one-read | " if one_read else "")
+        + "".join(f"{v} | " for v in variants)
         + "flax | flax accurate | no norm | torch CL | "
-        "jaxbn/flax | jaxbn/flax accurate | BN share of flax | jaxbn BN / flax BN | "
+        "jaxbn/flax | " + "".join(f"{v}/flax | " for v in variants)
+        + "jaxbn/flax accurate | BN share of flax | jaxbn BN / flax BN | "
         f"compile jaxbn / flax (s, fastest of {compiles}) |"
         + (f" {CONTROL} / jaxbn |" if control else ""),
-        "|---|---|---:|" + ("---:|" if one_read else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        + ("---:|" if control else ""),
+        "|---|---|---:|" + "---:|" * (2 * len(variants) + 9) + ("---:|" if control else ""),
     ]
     for dtype_name, batch, image, t, c in results:
         bn_jaxbn, bn_flax = t["jaxbn"] - t["no norm"], t["flax"] - t["no norm"]
         lines.append(
             f"| {dtype_name} | {batch} × {image}² | {bench.fmt(t['jaxbn'], 1)} | "
-            + (f"{bench.fmt(t['jaxbn one-read'], 1)} | " if one_read else "")
+            + "".join(f"{bench.fmt(t.get(v), 1)} | " for v in variants)
             + f"{bench.fmt(t['flax'], 1)} | {bench.fmt(t['flax accurate'], 1)} | "
             f"{bench.fmt(t['no norm'], 1)} | {bench.fmt(t.get('torch CL'), 1)} | "
-            f"{bench.ratio(t['jaxbn'], t['flax'])} | {bench.ratio(t['jaxbn'], t['flax accurate'])} | "
+            f"{bench.ratio(t['jaxbn'], t['flax'])} | "
+            + "".join(f"{bench.ratio(t.get(v), t['flax'])} | " for v in variants)
+            + f"{bench.ratio(t['jaxbn'], t['flax accurate'])} | "
             f"{bn_flax / t['flax']:.0%} | {bench.ratio(bn_jaxbn, bn_flax)} | "
             f"{c['jaxbn']:.1f} / {c['flax']:.1f} |"
             + (f" {bench.ratio(t[CONTROL], t['jaxbn'])} |" if control else "")

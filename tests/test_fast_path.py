@@ -257,6 +257,7 @@ def backward_reductions_wait(shape, axis, dtype):
     ``x`` depends on the forward's ``invstd`` (found among the residuals by its value)."""
     from jax.extend import core as jcore
 
+    jax.clear_caches()  # the wait is decided at trace time, from the default backend
     rng = np.random.default_rng(0)
     c = shape[axis]
     x = jnp.asarray(rng.standard_normal(shape), dtype)
@@ -305,11 +306,61 @@ def backward_reductions_wait(shape, axis, dtype):
     ((32, 7, 7, 512), 3, jnp.float32, True),  # 3.1 MiB
     ((1024, 1024), 1, jnp.bfloat16, False),  # 2 MiB of bfloat16
 ])
-def test_backward_reduction_waits_for_invstd_only_for_large_inputs(shape, axis, dtype, waits):
+def test_backward_reduction_waits_for_invstd_only_for_large_inputs(shape, axis, dtype, waits,
+                                                                  monkeypatch):
     """The backward's reduction waits for the forward's ``invstd`` above 2 MiB per input, where
     starting early oversubscribes XLA:CPU's cores, and starts as soon as the mean is known below
     it, where that is faster (``kernel.backward_waits``; benchmarks/NOTES.md §13)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert backward_reductions_wait(shape, axis, dtype) == [waits]
+
+
+@pytest.mark.parametrize("shape", [(513, 1024), (32, 7, 7, 512)])
+def test_backward_reduction_never_waits_where_a_gpu_is_the_default_backend(shape, monkeypatch):
+    """XLA:GPU runs the kernels in order on one stream: the wait would be one more kernel per norm
+    and order nothing (benchmarks/NOTES.md §14.3)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert backward_reductions_wait(shape, len(shape) - 1, jnp.float32) == [False]
+
+
+def layer_vjp_program(x, ct):
+    """One training layer's ``vjp`` (buffers, seen a batch) as ``(values, StableHLO for cuda)``."""
+    c = x.shape[-1]
+    state = jaxbn.init_state(c)._replace(num_batches_tracked=jnp.asarray(1, jnp.int32))
+    params = jaxbn.init_params(c)
+    flags = jaxbn.BatchNormFlags(training=True, axis=-1)
+
+    def step(x, params):
+        (y, _), vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, state, p, flags), x, params)
+        return y, vjp((ct, jax.tree.map(jnp.zeros_like, state)))
+
+    text = jax.jit(step).trace(x, params).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(step)(x, params), text
+
+
+@pytest.mark.parametrize("backend,barrier,expected", [
+    ("gpu", True, True), ("gpu", False, False), ("cpu", True, True), ("cpu", False, True)])
+def test_the_cse_barrier_is_dropped_only_off_the_cpu_and_when_asked(backend, barrier, expected,
+                                                                   monkeypatch):
+    """``kernel.cse_barrier(False)`` (the step benchmark's "jaxbn no barrier") drops
+    ``jax.checkpoint``'s optimization barrier where a GPU is the default backend, never on the
+    CPU (there the step is slower without it, benchmarks/NOTES.md §14.4); values agree to
+    rounding."""
+    from jaxbn.functional import kernel
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 5, 16)) * 3 + 7, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    with kernel.cse_barrier(barrier):
+        values, text = layer_vjp_program(x, ct)
+    assert ("optimization_barrier" in text) == expected
+    assert kernel.gpu_cse_barrier  # restored
+    with kernel.cse_barrier(True):
+        reference, _ = layer_vjp_program(x, ct)
+    for a, b in zip(jax.tree.leaves(values), jax.tree.leaves(reference)):  # float32 sums of 400,
+        b = np.asarray(b)  # fused (so rounded) differently: a few ulp of the largest value
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=2e-6 * np.abs(b).max())
 
 
 def test_half_precision_residuals_and_dtypes():

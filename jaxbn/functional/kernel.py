@@ -8,8 +8,10 @@ No torch rule lives here: :class:`Normalization` says whether the statistics com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -142,12 +144,49 @@ def backward_waits(layout: Layout, dtype: jnp.dtype) -> bool:
     oversubscribe the cores (~10 % at 25.7 MB); smaller ones run faster if it does not
     (BatchNorm1d ``256 x 1024``: ~7 %). See benchmarks/NOTES.md §1 and §13. The wait is
     ``mean + 0 * invstd``, which IEEE arithmetic does not let XLA fold.
+
+    Only on the CPU, JAX's default backend at trace time (as for the running shift): XLA:GPU runs
+    a program's kernels one after another on one stream, so there the wait orders nothing and is
+    one more kernel per norm (NOTES §14.3).
     """
-    return math.prod(layout.shape) * jnp.dtype(dtype).itemsize > BACKWARD_WAIT_BYTES
+    return (jax.default_backend() == "cpu"
+            and math.prod(layout.shape) * jnp.dtype(dtype).itemsize > BACKWARD_WAIT_BYTES)
 
 
-@partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(0,))
-def normalize_tangent(
+#: Whether the rematerialized tangent map keeps ``jax.checkpoint``'s CSE barrier
+#: (``prevent_cse``) where the CPU is not JAX's default backend (:func:`keeps_cse_barrier`).
+#: True (the default, as measured on an H200: benchmarks/NOTES.md §9); False is for measuring the
+#: step without it on a GPU (``benchmarks/step.py --gpu``'s "jaxbn no barrier", NOTES §14).
+gpu_cse_barrier = True
+
+
+@contextlib.contextmanager
+def cse_barrier(on: bool) -> Iterator[None]:
+    """Within this block, trace with :data:`gpu_cse_barrier` set to ``on``."""
+    global gpu_cse_barrier
+    before, gpu_cse_barrier = gpu_cse_barrier, on
+    try:
+        yield
+    finally:
+        gpu_cse_barrier = before
+
+
+def keeps_cse_barrier() -> bool:
+    """Whether the backward pass recomputes the tangent map behind an optimization barrier
+    (``jax.checkpoint(prevent_cse=True)``), which stops XLA from merging the recomputation with
+    the forward pass's (that could keep a full-size intermediate alive until the backward).
+
+    On the CPU, JAX's default backend at trace time, always: without it XLA:CPU shares the
+    forward's ``invstd * weight`` with the backward, one per-channel kernel more on each norm's
+    chain, and the ResNet-18 step measured 1.005-1.05x as long (NOTES §14.4). Elsewhere as
+    :data:`gpu_cse_barrier` says: on XLA:GPU the barrier also keeps the backward's reduction from
+    fusing the producer of the incoming gradient (a ReLU's mask), which flax's reduction fuses
+    (NOTES §14.2, §14.4).
+    """
+    return gpu_cse_barrier or jax.default_backend() == "cpu"
+
+
+def tangent_map(
     config: Normalization,
     x: jax.Array,
     mask: jax.Array | None,
@@ -165,11 +204,11 @@ def normalize_tangent(
     (the two ``mean_B`` terms only with batch statistics). Its transpose is torch's backward:
     ``dx = invstd*w * (dy - mean(dy) - x_hat * mean(dy * x_hat))``, ``dweight = sum(dy * x_hat)``,
     ``dbias = sum(dy)`` -- two reductions and one fused pass. Rematerialized
-    (``nothing_saveable``): linearization keeps only the inputs (``x`` and per-channel vectors),
-    never ``x_hat``. The per-channel vectors multiply *before* broadcasting, so that the
-    transpose reduces ``dy`` and ``dy * x_hat`` once each (shared with ``dbias`` and
-    ``dweight``); ``x_hat * (...)`` is formed in its own view (``Site.TANGENT``) so its
-    transposed reduction fuses on XLA:CPU (see :mod:`jaxbn.functional.reductions`).
+    (:data:`normalize_tangent`, ``nothing_saveable``): linearization keeps only the inputs
+    (``x`` and per-channel vectors), never ``x_hat``. The per-channel vectors multiply *before*
+    broadcasting, so that the transpose reduces ``dy`` and ``dy * x_hat`` once each (shared with
+    ``dbias`` and ``dweight``); ``x_hat * (...)`` is formed in its own view (``Site.TANGENT``) so
+    its transposed reduction fuses on XLA:CPU (see :mod:`jaxbn.functional.reductions`).
     """
     mean, mean_lo, invstd = centering
     x_dot, weight_dot, bias_dot = tangents
@@ -212,13 +251,21 @@ def normalize_tangent(
     return y_dot.astype(x.dtype), stats_dot
 
 
+_rematerialized = partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                          static_argnums=(0,))
+normalize_tangent = _rematerialized(tangent_map)
+""":func:`tangent_map`, rematerialized: the backward pass recomputes it from its inputs."""
+normalize_tangent_without_barrier = _rematerialized(tangent_map, prevent_cse=False)
+""":func:`normalize_tangent` without the CSE barrier (:func:`keeps_cse_barrier`)."""
+
+
 @normalize.defjvp
 def normalize_jvp(config: Normalization, primals: tuple, tangents: tuple) -> tuple:
-    """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`."""
+    """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`
+    (or, without the CSE barrier, :data:`normalize_tangent_without_barrier`)."""
     x, mask, weight, *_ = primals
     x_dot, _, weight_dot, bias_dot, _, _ = tangents
     out, centering = normalize_forward(config, primals)
-    out_dot = normalize_tangent(
-        config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot)
-    )
+    tangent = normalize_tangent if keeps_cse_barrier() else normalize_tangent_without_barrier
+    out_dot = tangent(config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot))
     return out, out_dot
