@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import gzip
 import json
 import os
@@ -84,7 +85,7 @@ class Summary(NamedTuple):
 
 
 def device_events(trace: dict) -> list[Event]:
-    """The device's events in a perfetto trace (``jax.profiler.trace(create_perfetto_trace=True)``).
+    """The device's events in a trace's JSON (the ``*.trace.json.gz`` of ``jax.profiler.trace``).
 
     A GPU's are those on the stream lines of the ``/device:GPU:*`` processes. Without a GPU
     process, the host's XLA thunks (events naming an ``hlo_op``) stand in."""
@@ -146,10 +147,11 @@ def summarize(events: Sequence[Event], steps: int) -> Summary:
 
 
 def trace_steps(run: Callable[[], Any], steps: int, directory: Path) -> dict:
-    """The perfetto trace of ``steps`` calls of ``run`` back to back (one wait, at the end)."""
+    """The trace (its ``*.trace.json.gz``) of ``steps`` calls of ``run`` back to back (one wait,
+    at the end)."""
     import jax
 
-    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+    with jax.profiler.trace(str(directory)):
         out = None
         for _ in range(steps):
             out = run()
@@ -172,8 +174,9 @@ def norm_count() -> int:
 
 def render(rows: Sequence[tuple[str, str, Summary]], norms: int, steps: int, device: str) -> str:
     """The per-step table, then what one norm adds to ``no norm``."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"Measured on {bench.machine_description(device)}.",
+        f"Measured {date} on {bench.machine_description(device)}.",
         f"{steps} steps of each contender back to back in `jax.profiler.trace`; device events per "
         f"step (ms unless stated); idle = span - busy. Reproduce: "
         f"`python benchmarks/profile_step.py{' --gpu' if device == 'cuda' else ''}`.",

@@ -40,8 +40,8 @@ def test_busy_time_is_the_length_of_the_union(seed):
     assert profile.busy_time(intervals) == covered_length(intervals)
 
 
-def perfetto(processes, lines, events):
-    """A trace shaped like jax.profiler's perfetto export."""
+def trace_json(processes, lines, events):
+    """A trace shaped like the JSON that jax.profiler.trace writes."""
     meta = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
             for pid, name in processes.items()]
     meta += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
@@ -56,7 +56,7 @@ def test_gpu_events_are_the_stream_lines_only():
     derived = {**kernel, "tid": 2, "name": "add_fusion.1"}  # the "XLA Ops" line repeats it
     host = {"pid": 1, "tid": 9, "ts": 5.0, "dur": 30.0, "name": "add_fusion.1",
             "args": {"hlo_op": "add_fusion.1"}}
-    trace = perfetto({1: "/host:CPU", 2: "/device:GPU:0"},
+    trace = trace_json({1: "/host:CPU", 2: "/device:GPU:0"},
                      {(2, 1): "Stream #13(Compute)", (2, 2): "XLA Ops",
                       (2, 3): "Stream #14(MemcpyD2D)", (1, 9): "python"},
                      [kernel, derived, copy, host])
