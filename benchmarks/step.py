@@ -143,9 +143,10 @@ def resnet18(norm: str, dtype: Any):
 
 
 def jax_step(norm: str, dtype: Any, images: np.ndarray, labels: np.ndarray):
-    """``(run, compile_seconds, hlo, recompile)``: ``run()`` steps a buffer-donating compiled
+    """``(run, compile_seconds, compiled, recompile)``: ``run()`` steps a buffer-donating compiled
     ``state = step(state)`` on fixed data; compiling it took ``compile_seconds`` (trace, lower,
-    compile), ``hlo`` is its optimized HLO; ``recompile()`` times a fresh compile of the step."""
+    compile) and gave ``compiled`` (its optimized HLO, its memory analysis); ``recompile()`` times
+    a fresh compile of the step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -183,7 +184,7 @@ def jax_step(norm: str, dtype: Any, images: np.ndarray, labels: np.ndarray):
         state[:] = compiled(*state, x, y)[:3]  # the donated buffers are replaced
         return state
 
-    return run, seconds, compiled.as_text(), lambda: compile_fresh()[1]
+    return run, seconds, compiled, lambda: compile_fresh()[1]
 
 
 def torch_resnet18():
@@ -258,10 +259,15 @@ def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, t
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
     for norm in sorted(norms, key=lambda n: n != "no norm"):  # its compile warms the process up
-        fns[norm], took, hlo, recompile[norm] = jax_step(norm, dtype, images, labels)
+        fns[norm], took, compiled, recompile[norm] = jax_step(norm, dtype, images, labels)
         syncs[norm], seconds[norm] = bench.jax_sync, [took]
+        memory = compiled.memory_analysis()  # e.g. whether a variant keeps more alive
+        if memory is not None:
+            print(f"{dtype_name} {norm}: temporary memory "
+                  f"{memory.temp_size_in_bytes / 2**20:.1f} MiB", flush=True)
         if hlo_dir is not None:
-            (hlo_dir / f"step_{dtype_name}_{norm.replace(' ', '_')}.hlo.txt").write_text(hlo)
+            (hlo_dir / f"step_{dtype_name}_{norm.replace(' ', '_')}.hlo.txt").write_text(
+                compiled.as_text())
     # Compile time: the fastest of `compiles` (alternating for jaxbn and flax after the first).
     for _ in range(compiles - 1):
         for norm in ("jaxbn", "flax"):
