@@ -57,9 +57,9 @@ def test_gpu_events_are_the_stream_lines_only():
     host = {"pid": 1, "tid": 9, "ts": 5.0, "dur": 30.0, "name": "add_fusion.1",
             "args": {"hlo_op": "add_fusion.1"}}
     trace = trace_json({1: "/host:CPU", 2: "/device:GPU:0"},
-                     {(2, 1): "Stream #13(Compute)", (2, 2): "XLA Ops",
-                      (2, 3): "Stream #14(MemcpyD2D)", (1, 9): "python"},
-                     [kernel, derived, copy, host])
+                       {(2, 1): "Stream #13(Compute)", (2, 2): "XLA Ops",
+                        (2, 3): "Stream #14(MemcpyD2D)", (1, 9): "python"},
+                       [kernel, derived, copy, host])
     events = profile.device_events(trace)
     assert [(e.line, e.name, e.start, e.duration) for e in events] == [
         ("Stream #13(Compute)", "loop_add_fusion", 10.0, 4.0),
