@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .reductions import ChannelSums, Layout, Moments, RunningStats, Site, moments, stats_dtype
+from .reductions import (
+    ChannelSums, Layout, Moments, RunningStats, Site, moments, stats_dtype, traces_for_cpu,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +147,11 @@ def backward_waits(layout: Layout, dtype: jnp.dtype) -> bool:
     (BatchNorm1d ``256 x 1024``: ~7 %). See benchmarks/NOTES.md §1 and §13. The wait is
     ``mean + 0 * invstd``, which IEEE arithmetic does not let XLA fold.
 
-    Only on the CPU, JAX's default backend at trace time (as for the running shift): XLA:GPU runs
-    a program's kernels one after another on one stream, so there the wait orders nothing and is
-    one more kernel per norm (NOTES §14.3).
+    Only on the CPU (:func:`~jaxbn.functional.reductions.traces_for_cpu`, as for the running
+    shift): XLA:GPU runs a program's kernels one after another on one stream, so there the wait
+    orders nothing and is one more kernel per norm (NOTES §14.3).
     """
-    return (jax.default_backend() == "cpu"
+    return (traces_for_cpu()
             and math.prod(layout.shape) * jnp.dtype(dtype).itemsize > BACKWARD_WAIT_BYTES)
 
 
@@ -176,14 +178,15 @@ def keeps_cse_barrier() -> bool:
     (``jax.checkpoint(prevent_cse=True)``), which stops XLA from merging the recomputation with
     the forward pass's (that could keep a full-size intermediate alive until the backward).
 
-    On the CPU, JAX's default backend at trace time, always: without it XLA:CPU shares the
-    forward's ``invstd * weight`` with the backward, one per-channel kernel more on each norm's
-    chain, and the ResNet-18 step measured 1.005-1.05x as long (NOTES §14.4). Elsewhere as
+    On the CPU (:func:`~jaxbn.functional.reductions.traces_for_cpu`), always: without it
+    XLA:CPU shares the forward's ``invstd * weight`` with the backward, one per-channel kernel
+    more on each norm's chain, and the ResNet-18 step measured 1.005-1.05x as long (NOTES §14.4).
+    Elsewhere as
     :data:`gpu_cse_barrier` says: on XLA:GPU the barrier also keeps the backward's reduction from
     fusing the producer of the incoming gradient (a ReLU's mask), which flax's reduction fuses
     (NOTES §14.2, §14.4).
     """
-    return gpu_cse_barrier or jax.default_backend() == "cpu"
+    return gpu_cse_barrier or traces_for_cpu()
 
 
 def tangent_map(

@@ -99,6 +99,16 @@ class RunningStats(NamedTuple):
     batches: jax.Array  # num_batches_tracked
 
 
+def traces_for_cpu() -> bool:
+    """Whether the CPU is JAX's default backend now, at trace time: the programs traced are then
+    taken to be XLA:CPU's, whose choices (the running shift, the backward's wait, the CSE barrier)
+    differ from XLA:GPU's. ``lax.platform_dependent`` would decide by the lowering platform
+    instead, but its switch cost ~25 ms of tracing per norm (benchmarks/NOTES.md §12.3); a
+    program exported from a CPU host for a GPU gets the CPU's choices, which compute the same
+    values to rounding."""
+    return jax.default_backend() == "cpu"
+
+
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """The dtype statistics are accumulated in: float32 for 16-bit floats, else ``dtype``."""
     dtype = jnp.dtype(dtype)
@@ -336,14 +346,12 @@ def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None
     dtype = stats_dtype(x.dtype)
     count = sums.count(dtype)
     lay = sums.layout
-    # The running shift is for XLA:CPU, JAX's default backend at trace time: a traced count (mask,
-    # axis_name), an empty batch, explicit sharding, another default backend or the interpreted
-    # GPU kernel (which tests run everywhere) keep the data shift. lax.platform_dependent would
-    # decide by the lowering platform, but its switch cost ~25 ms of tracing per norm (NOTES
-    # §12.3); the two paths agree to rounding, so it is only used where the opt-in GPU kernel
-    # must stay reachable from a CPU host (lowering for cuda).
+    # The running shift is for XLA:CPU (traces_for_cpu): a traced count (mask, axis_name), an
+    # empty batch, explicit sharding, another default backend or the interpreted GPU kernel
+    # (which tests run everywhere) keep the data shift. lax.platform_dependent is only used where
+    # the opt-in GPU kernel must stay reachable from a CPU host (lowering for cuda).
     if (running is None or not isinstance(count, int) or count == 0 or not lay.views
-            or jax.default_backend() != "cpu" or gpu_moments.interpret):
+            or not traces_for_cpu() or gpu_moments.interpret):
         mean, m2, mean_lo = data_shifted(sums, count, x)
     elif gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, False, False):
         mean, m2, mean_lo = lax.platform_dependent(
