@@ -239,15 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     import jax.numpy as jnp
 
     device = "cuda" if args.gpu else "cpu"
-    batch = args.batch or (128 if args.gpu else 16)
-    image = args.image or (128 if args.gpu else 96)
-    dtypes = args.dtype or (["bfloat16", "float32"] if args.gpu else ["float32"])
+    batch, image, dtypes = step.run_size(args.gpu, args.batch, args.image, args.dtype)
     contenders = args.contender or list(step.GPU_NORMS if args.gpu else step.NORMS)
     contenders = ["no norm"] + [c for c in contenders if c != "no norm"]
     print(f"devices: {jax.devices()}", flush=True)
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch, image, image, 3), dtype=np.float32)
-    labels = rng.integers(0, step.NUM_CLASSES, batch).astype(np.int32)
+    images, labels = step.batch_data(batch, image)
     rows, traced = [], []
     for dtype in dtypes:
         for name in contenders:

@@ -242,6 +242,21 @@ def torch_step(dtype_name: str, device: str, images: np.ndarray, labels: np.ndar
 # --------------------------------------------------------------------------------------------
 
 
+def run_size(gpu: bool, batch: int | None, image: int | None,
+             dtypes: list[str] | None) -> tuple[int, int, list[str]]:
+    """``(batch, image, dtypes)``: the given ones, else the defaults of the device (CPU: batch 16
+    at 96x96, float32; GPU: batch 128 at 128x128, bfloat16 and float32)."""
+    return (batch or (128 if gpu else 16), image or (128 if gpu else 96),
+            dtypes or (["bfloat16", "float32"] if gpu else ["float32"]))
+
+
+def batch_data(batch: int, image: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed training batch every contender steps on: NHWC images and integer labels."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, image, image, 3), dtype=np.float32)
+    return images, rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+
+
 def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, torch_ok: bool,
             compiles: int = 2, hlo_dir: Path | None = None, control: bool = False):
     """Median ms per step of every contender, and the jax steps' compile seconds (jaxbn and flax:
@@ -249,9 +264,7 @@ def measure(dtype_name: str, batch: int, image: int, device: str, rounds: int, t
     given. ``control`` adds :data:`CONTROL`, a second copy of the jaxbn step."""
     import jax.numpy as jnp
 
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch, image, image, 3), dtype=np.float32)
-    labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+    images, labels = batch_data(batch, image)
     dtype = jnp.dtype(dtype_name)
     fns, syncs, recompile = {}, {}, {}
     seconds: dict[str, list[float]] = {}
@@ -345,9 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     device = "cuda" if args.gpu else "cpu"
-    batch = args.batch or (128 if args.gpu else 16)
-    image = args.image or (128 if args.gpu else 96)
-    dtypes = args.dtype or (["bfloat16", "float32"] if args.gpu else ["float32"])
+    batch, image, dtypes = run_size(args.gpu, args.batch, args.image, args.dtype)
     rounds = args.rounds or (30 if args.gpu else 15)
     torch_ok = bench.prepare_torch(device, wanted=not args.no_torch)
     print(f"devices: {jax.devices()}", flush=True)
