@@ -334,8 +334,9 @@ def layer_vjp_program(x, ct):
         (y, _), vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, state, p, flags), x, params)
         return y, vjp((ct, jax.tree.map(jnp.zeros_like, state)))
 
-    text = jax.jit(step).trace(x, params).lower(lowering_platforms=("cuda",)).as_text()
-    return jax.jit(step)(x, params), text
+    program = jax.jit(step)  # one trace, lowered for cuda and run here
+    text = program.trace(x, params).lower(lowering_platforms=("cuda",)).as_text()
+    return program(x, params), text
 
 
 @pytest.mark.parametrize("backend,barrier,expected", [
