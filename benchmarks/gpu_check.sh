@@ -4,13 +4,13 @@
 # ${OUT:-benchmarks/gpu_out}/ (seven files: log.txt, the tables, the steps' optimized HLO, the
 # profile's device events):
 #   1. tests/test_gpu_moments.py on the GPU (the compiled Triton kernel, not the interpreter);
-#   2. the whole ResNet-18 step (step.py --gpu): jaxbn as it is, with the one-read kernel on, and
-#      without the backward's CSE barrier ("jaxbn no barrier", NOTES §14.4), against flax;
+#   2. the whole ResNet-18 step (step.py --gpu): jaxbn as it is and with the one-read kernel on
+#      ("jaxbn one-read", jaxbn.Strategy(one_read="cuda")), against flax;
 #   3. where the step's time goes, kernel by kernel (profile_step.py --gpu): what one norm adds
 #      in kernels, kernel time and idle time, for the same jaxbn settings and flax;
 #   4. the layer table (run.py --gpu);
 #   5. the float32 accuracy table with the compiled kernel (variants.py --accuracy).
-# The statistics alone (variants.py --gpu --statistics, NOTES §9.2) are no longer part of it.
+# The statistics alone (variants.py --gpu --statistics, measured once) are no longer part of it.
 # Commit the tables with the machine named in them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ part 170 step "$python" benchmarks/step.py --gpu --rounds 20 --compiles 1 \
   --hlo-dir "$out/hlo" --out "$out/results_step_gpu.md"
 [ -d "$out/hlo" ] && tar czf "$out/hlo.tar.gz" -C "$out" hlo && rm -rf "$out/hlo"
 part 150 profile "$python" benchmarks/profile_step.py --gpu --steps 10 --contender jaxbn \
-  --contender "jaxbn one-read" --contender "jaxbn no barrier" --contender flax \
+  --contender "jaxbn one-read" --contender flax \
   --out "$out/profile_gpu.md" --events "$out/profile_events.csv.gz"
 part 90 layers "$python" benchmarks/run.py --gpu --rounds 20 --out "$out/results_gpu.md"
 part 30 accuracy sh -c "'$python' benchmarks/variants.py --gpu --accuracy > '$out/accuracy_gpu.md'"

@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/step.py                 # CPU: float32, batch 16, 96x96 (a few minutes)
     python benchmarks/step.py --gpu           # CUDA: batch 128, 128x128, bfloat16 and float32
-    python benchmarks/step.py --readme        # also rewrite the step table in README.md
+    python benchmarks/step.py --readme        # also rewrite the step table in docs/performance.md
     python benchmarks/step.py --control       # also time a second copy of the jaxbn step
 
 What users feel is the train step of a network, not one layer: there a batch norm's output feeds
@@ -13,9 +13,8 @@ the next convolution, so nothing fuses across it the way a one-layer ``jax.vjp``
 is built with each norm:
 
 * ``jaxbn``        -- ``jaxbn.linen.BatchNorm`` (torch's semantics, two-pass float32 statistics);
-* ``jaxbn one-read``, ``jaxbn no barrier`` -- on a GPU only: the same with the opt-in one-read
-  statistics kernel on (``gpu_moments.use_kernel``), and with the backward's rematerialization
-  free of its CSE barrier (``kernel.cse_barrier(False)``; benchmarks/NOTES.md §14.4);
+* ``jaxbn one-read`` -- on a GPU only: the same with the opt-in one-read statistics kernel on
+  (``jaxbn.Strategy(one_read="cuda")``, :func:`strategy_of`);
 * ``flax``         -- ``flax.linen.BatchNorm`` (its default fast variance ``E[x²] - E[x]²``);
 * ``flax accurate``-- ``flax.linen.BatchNorm(use_fast_variance=False)``;
 * ``no norm``      -- the same network without its norms: the rest of the step, so BN's share shows;
@@ -23,7 +22,7 @@ is built with each norm:
   for bfloat16), the same optimizer, as a reference;
 * ``jaxbn again``  -- with ``--control`` only: a second, separately compiled copy of the ``jaxbn``
   step. Its ratio to ``jaxbn`` is the run's noise floor: on the shared 2-core CPU the two copies
-  have differed by up to 3 % (benchmarks/NOTES.md §11.2), so smaller differences between
+  have differed by up to 3 % (docs/performance.md), so smaller differences between
   contenders are not resolved.
 
 The step is one ``jax.jit``: forward in training mode, softmax cross-entropy, gradients, optax
@@ -42,7 +41,6 @@ against 20 ms on 3x3 maps), so that step is ~5 s of which batch norm is a roundi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import sys
@@ -61,8 +59,8 @@ import run as bench  # noqa: E402
 NUM_CLASSES = 1000
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of the first block)
 NORMS = ("jaxbn", "flax", "flax accurate", "no norm")
-GPU_NORMS = ("jaxbn", "jaxbn one-read", "jaxbn no barrier", "flax", "flax accurate", "no norm")
-VARIANTS = ("jaxbn one-read", "jaxbn no barrier")  # GPU-only settings of the jaxbn step
+GPU_NORMS = ("jaxbn", "jaxbn one-read", "flax", "flax accurate", "no norm")
+VARIANTS = ("jaxbn one-read",)  # GPU-only settings of the jaxbn step (strategy_of)
 CONTROL = "jaxbn again"  # --control: the jaxbn step compiled a second time
 LR, MOMENTUM = 0.1, 0.9
 
@@ -79,18 +77,8 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
     import jaxbn.linen
 
     if kind in ("jaxbn", CONTROL, *VARIANTS):
-        from jaxbn.functional import gpu_moments, kernel
-
-        layer = jaxbn.linen.BatchNorm(dtype=dtype)
-        setting = {"jaxbn one-read": gpu_moments.use_kernel,
-                   "jaxbn no barrier": lambda: kernel.cse_barrier(False)
-                   }.get(kind, contextlib.nullcontext)
-
-        def norm(x, train):
-            with setting():
-                return layer(x, train=train)
-
-        return norm
+        layer = jaxbn.linen.BatchNorm(dtype=dtype, strategy=strategy_of(kind))
+        return lambda x, train: layer(x, train=train)
     if kind in ("flax", "flax accurate"):
         layer = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype,
                              use_fast_variance=kind == "flax")
@@ -98,6 +86,14 @@ def make_norm(kind: str, dtype: Any) -> Callable[[Any, bool], Any]:
     if kind == "no norm":
         return lambda x, train: x
     raise ValueError(f"unknown norm {kind!r}; choose one of {GPU_NORMS}")
+
+
+def strategy_of(kind: str) -> Any:
+    """The :class:`jaxbn.Strategy` of a jaxbn contender: None (the backend's default) but for
+    :data:`VARIANTS`."""
+    import jaxbn
+
+    return {"jaxbn one-read": jaxbn.Strategy(one_read="cuda")}.get(kind)
 
 
 def resnet18(norm: str, dtype: Any):
@@ -343,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep glibc's default allocation policy")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--readme", action="store_true",
-                        help="also replace the step table embedded in README.md")
+                        help="also replace the step table in docs/performance.md")
     parser.add_argument("--compiles", type=int, default=2,
                         help="fresh compiles of the jaxbn and flax steps timed (the fastest counts)")
     parser.add_argument("--control", action="store_true",

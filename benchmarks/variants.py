@@ -1,8 +1,9 @@
-"""Formulation experiment behind benchmarks/NOTES.md: how should the statistics be reduced?
+"""Formulation experiment behind docs/performance.md: how should the statistics be reduced?
 
 Times jaxbn's jitted train step (see run.py) with the batch statistics computed several ways, by
-swapping ``jaxbn.functional.kernel.moments`` (the library keeps only the first), and measures
-each one's float32 accuracy against float64 on hard data (``--accuracy``):
+swapping ``jaxbn.functional.kernel.moments`` (the library keeps only the first; every variant
+takes its arguments ``(x, sums, strategy, shift_hint)``), and measures each one's float32
+accuracy against float64 on hard data (``--accuracy``):
 
 * ``two-pass, views``   -- the library: shifted sum, then squared deviations from the mean, each
   reduction reading ``x`` through its own view (distinct broadcasts for XLA:CPU);
@@ -14,12 +15,12 @@ each one's float32 accuracy against float64 on hard data (``--accuracy``):
 * ``one-pass, per-row shifts`` -- sibling sums per (row, channel) about that row's first element,
   merged exactly over the rows (Chan): one read where siblings fuse, robust to a far shift in
   one row only;
-* ``one-read kernel`` -- the library's opt-in CUDA kernel (:mod:`jaxbn.functional.gpu_moments`):
-  a Pallas kernel, two-pass inside register tiles merged with Chan's formula. Off a GPU this
-  column runs the same kernel in Pallas' interpreter (for ``--accuracy``; its speed means
-  nothing there).
+* ``one-read kernel`` -- the library's opt-in CUDA kernel (:mod:`jaxbn.functional.gpu_moments`,
+  ``Strategy(one_read="cuda")``): a Pallas kernel, two-pass inside register tiles merged with
+  Chan's formula. Off a GPU this column runs the same kernel in Pallas' interpreter (for
+  ``--accuracy``; its speed means nothing there).
 
-``two-pass, views`` is the library as it runs by default (that kernel off).
+``two-pass, views`` is the library as it runs by default (the backend's default strategy).
 
 ``--statistics`` times the forward statistics alone (GPU shapes of benchmarks/step.py's ResNet-18,
 float32 and bfloat16): the XLA two-pass, the one-read kernel under a few tilings, flax's one-pass
@@ -32,6 +33,7 @@ Run: ``python benchmarks/variants.py [--gpu] [--accuracy | --statistics]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -41,26 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import run as bench  # noqa: E402
 
 
-def natural_two_pass(x, sums):
+def natural_two_pass(x, sums, strategy=None, shift_hint=None):
     return two_pass(x, sums, sites=(None, None))
 
 
-def library_two_pass(x, sums):
-    """The library with its GPU kernel off (the default)."""
-    from jaxbn.functional import gpu_moments, reductions
+def library_two_pass(x, sums, strategy, shift_hint=None):
+    """The library as the call's strategy says, with its GPU kernel off (the default)."""
+    from jaxbn.functional import reductions
 
-    with gpu_moments.use_kernel(False):
-        return reductions.moments(x, sums)
+    return reductions.moments(x, sums, strategy.replace(one_read="off"), shift_hint)
 
 
-def one_read_kernel(x, sums):
+def one_read_kernel(x, sums, strategy, shift_hint=None):
     """The library with its GPU kernel on; interpreted where the backend is not a GPU."""
     import jax
 
-    from jaxbn.functional import gpu_moments, reductions
+    from jaxbn.functional import reductions
 
-    with gpu_moments.use_kernel(True, interpreted=jax.default_backend() != "gpu"):
-        return reductions.moments(x, sums)
+    mode = "cuda" if jax.default_backend() == "gpu" else "interpreted"
+    return reductions.moments(x, sums, strategy.replace(one_read=mode), shift_hint)
 
 
 def two_pass(x, sums, sites):
@@ -85,7 +86,7 @@ def row_shift(x, sums, dtype):
     return jnp.mean(x[0].astype(dtype), axis=axes)
 
 
-def one_pass_views(x, sums):
+def one_pass_views(x, sums, strategy=None, shift_hint=None):
     """Sibling shifted sums, each through its own view, shift = mean of the first row."""
     import jax.numpy as jnp
 
@@ -100,7 +101,7 @@ def one_pass_views(x, sums):
     return Moments(count, mean, jnp.maximum(s2 - s1 * offset, 0), mean_lo)
 
 
-def one_pass_row_shifts(x, sums):
+def one_pass_row_shifts(x, sums, strategy=None, shift_hint=None):
     """One read with a shift per (row, channel): the first element of each row's channel.
 
     Sibling sums ``S1[n, c] = sum(x - s[n, c])``, ``S2[n, c] = sum((x - s[n, c])**2)`` over the
@@ -133,7 +134,7 @@ def one_pass_row_shifts(x, sums):
     return Moments(count, mean, jnp.maximum(m2, 0), (shift[0] - mean) + offset)
 
 
-def one_pass_shifted(x, sums):
+def one_pass_shifted(x, sums, strategy=None, shift_hint=None):
     import jax.numpy as jnp
 
     from jaxbn.functional.reductions import Moments, shifted_mean, stats_dtype
@@ -261,11 +262,10 @@ def statistics_table(rounds: int) -> None:
                 elif name.startswith("kernel"):
                     for key, value in {**defaults, **KERNEL_TILINGS[name]}.items():
                         setattr(gpu_moments, key, value)
-                    with gpu_moments.use_kernel(True):
-                        applies = gpu_moments.applies(shape, len(shape) - 1, dtype, False, False)
+                    applies = gpu_moments.applies(shape, len(shape) - 1, dtype, False, False)
                     if jax.default_backend() != "gpu" or not applies:
                         continue  # (off a GPU the kernel only runs interpreted)
-                    stat = lambda s, c, x, t: reductions.one_read(s, c, False, x, t)  # noqa: E731
+                    stat = functools.partial(reductions.one_read, False)
                 else:
                     stat = one_pass if name.startswith("one-pass") else read
                 compiled = jax.jit(chain(stat, shape)).lower(xs).compile()

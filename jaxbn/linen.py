@@ -19,8 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
-from .functional import validation
+from .adapter_flags import UNSET, call_flags
+from .functional import families, validation
+from .functional.strategy import Strategy
+from .functional.torch_rules import BATCH_NORM, INSTANCE_NORM, Family
 from .functional.types import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
@@ -31,17 +33,18 @@ STATS = "batch_stats"
 class _TorchNorm(nn.Module):
     """The attributes and the call shared by the torch families (see :class:`BatchNorm`)."""
 
-    family: ClassVar[NormFamily]
+    family: ClassVar[Family]
 
     num_features: int | None = None
     eps: float = 1e-5
     momentum: float | None = 0.1
-    affine: bool = BATCH_NORM.rules.affine
-    track_running_stats: bool = BATCH_NORM.rules.track_running_stats
+    affine: bool = BATCH_NORM.affine
+    track_running_stats: bool = BATCH_NORM.track_running_stats
     train: bool | None = None
     axis: int = -1
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    strategy: Strategy | None = None
 
     @nn.compact
     def __call__(
@@ -74,7 +77,7 @@ class _TorchNorm(nn.Module):
             function (:func:`jaxbn.batch_norm` / :func:`jaxbn.instance_norm`) raises.
         """
         family = self.family
-        extra = family.extra_arguments(mask)
+        extra = family.mask_argument(mask)
         flags = call_flags(
             self, family, self.train if train is None else train, "train",
             self.track_running_stats, synchronize=not self.is_initializing(),
@@ -90,20 +93,20 @@ class _TorchNorm(nn.Module):
         stats = self._stats(num_features)
         state = None if stats is None else BatchNormState(*(v.value for v in stats))
 
-        plan = family.plan(flags, state is not None)
-        writes = plan.writes_buffers and not self.is_initializing()
-        if writes and not self.is_mutable_collection(STATS):
+        result = families.call(family, x, state, params, flags, momentum=momentum, eps=eps, **extra)
+        # init returns the variables as torch constructs them, whatever the call would update.
+        if self.is_initializing() or not result.wrote_buffers:
+            return result.y
+        if not self.is_mutable_collection(STATS):
             raise ValueError(
                 f"jaxbn.linen.{family.name} updates its running statistics in this call "
-                f"({family.rules.writes_when}), but the '{STATS}' collection is immutable: call "
+                f"({family.writes_when}), but the '{STATS}' collection is immutable: call "
                 f"model.apply(variables, x, train=..., mutable=['{STATS}']) and keep the "
                 f"returned '{STATS}'"
             )
-        y, new_state = family.apply(x, state, params, flags, momentum=momentum, eps=eps, **extra)
-        if writes:
-            for variable, value in zip(stats, new_state):
-                variable.value = value
-        return y
+        for variable, value in zip(stats, result.new_state):
+            variable.value = value
+        return result.y
 
     def _params(self, num_features: int) -> BatchNormParams | None:
         """``weight`` and ``bias`` as torch initializes them, or ``None`` when not affine."""
@@ -153,12 +156,15 @@ class BatchNorm(_TorchNorm):
       dtype: if set, the input is cast to it first (the output has the input's dtype, as in
         torch; a bf16 input with float32 variables is torch's mixed precision).
       param_dtype: dtype of the parameters and running statistics.
+      strategy: how to compute (:class:`jaxbn.Strategy`): speed choices that change the
+        program, not the values beyond rounding; ``None`` (default): the default for JAX's
+        default backend (:func:`jaxbn.default_strategy`).
       axis_name, axis_index_groups: merge batch statistics exactly over this mapped axis
         (``shard_map`` / ``pmap`` / ``vmap``), torch's ``SyncBatchNorm``; ignored during ``init``
         like Flax's BatchNorm.
     """
 
-    family: ClassVar[NormFamily] = BATCH_NORM
+    family: ClassVar[Family] = BATCH_NORM
 
     axis_name: Any = None
     axis_index_groups: Any = None
@@ -183,7 +189,7 @@ class InstanceNorm(_TorchNorm):
     ``(N, *spatial, C)`` with the default ``axis=-1``.
     """
 
-    family: ClassVar[NormFamily] = INSTANCE_NORM
+    family: ClassVar[Family] = INSTANCE_NORM
 
-    affine: bool = INSTANCE_NORM.rules.affine
-    track_running_stats: bool = INSTANCE_NORM.rules.track_running_stats
+    affine: bool = INSTANCE_NORM.affine
+    track_running_stats: bool = INSTANCE_NORM.track_running_stats

@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .adapter_flags import BATCH_NORM, INSTANCE_NORM, UNSET, NormFamily, call_flags
+from .adapter_flags import UNSET, call_flags
+from .functional import families
+from .functional.strategy import Strategy
+from .functional.torch_rules import BATCH_NORM, INSTANCE_NORM, Family
 from .functional.types import BatchNormParams, BatchNormState, init_params, init_state
 
 __all__ = ["BatchNorm", "InstanceNorm", "UNSET"]
@@ -31,7 +34,7 @@ class _TorchNorm(nnx.Module):
     ``affine`` and ``track_running_stats`` default to ``None``: torch's default for the family.
     """
 
-    family: ClassVar[NormFamily]
+    family: ClassVar[Family]
 
     def __init__(
         self,
@@ -47,31 +50,29 @@ class _TorchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        strategy: Strategy | None = None,
         rngs: nnx.Rngs | None = None,
     ):
         del rngs  # torch's initial values are constants
-        rules = self.family.rules
-        self.family.check_sync(axis_name, axis_index_groups)
-        affine = rules.affine if affine is None else affine
+        family = self.family
+        family.check_sync(axis_name, axis_index_groups)
+        affine = family.affine if affine is None else affine
         if track_running_stats is None:
-            track_running_stats = rules.track_running_stats
+            track_running_stats = family.track_running_stats
         params = init_params(num_features, param_dtype) if affine else None
         state = init_state(num_features, param_dtype) if track_running_stats else None
         for name, value in zip(BatchNormParams._fields, params or (None, None)):
             setattr(self, name, nnx.data(None) if value is None else nnx.Param(value))
         for name, value in zip(BatchNormState._fields, state or (None, None, None)):
             setattr(self, name, nnx.data(None) if value is None else nnx.BatchStat(value))
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.axis = axis
-        self.use_running_average = use_running_average
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
+        attributes = dict(
+            num_features=num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, axis=axis,
+            use_running_average=use_running_average, dtype=dtype, param_dtype=param_dtype,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, strategy=strategy,
+        )
+        for name, value in attributes.items():  # torch's attribute names, assignable later
+            setattr(self, name, value)
 
     def __call__(
         self,
@@ -96,7 +97,7 @@ class _TorchNorm(nnx.Module):
             (padding).
         """
         family = self.family
-        extra = family.extra_arguments(mask)
+        extra = family.mask_argument(mask)
         if use_running_average is None:
             use_running_average = self.use_running_average
         training = None if use_running_average is None else not use_running_average
@@ -110,11 +111,11 @@ class _TorchNorm(nnx.Module):
             x = jnp.asarray(x, self.dtype)
         params = None if self.weight is None else BatchNormParams(self.weight[...], self.bias[...])
         state = BatchNormState(*(v[...] for v in stats)) if has_buffers else None
-        y, new_state = family.apply(x, state, params, flags, momentum=momentum, eps=eps, **extra)
-        if family.plan(flags, has_buffers).writes_buffers:
-            for variable, value in zip(stats, new_state):
+        result = families.call(family, x, state, params, flags, momentum=momentum, eps=eps, **extra)
+        if result.wrote_buffers:
+            for variable, value in zip(stats, result.new_state):
                 variable[...] = value
-        return y
+        return result.y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view(model, use_running_average=...)``."""
@@ -149,11 +150,14 @@ class BatchNorm(_TorchNorm):
       param_dtype: dtype of the parameters and running statistics.
       axis_name, axis_index_groups: merge batch statistics exactly over this mapped axis
         (``shard_map`` / ``pmap`` / ``vmap``), torch's ``SyncBatchNorm``.
+      strategy: how to compute (:class:`jaxbn.Strategy`): speed choices that change the
+        program, not the values beyond rounding; ``None`` (default): the default for JAX's
+        default backend (:func:`jaxbn.default_strategy`). An attribute, like the others.
       rngs: accepted for signature compatibility with ``flax.nnx.BatchNorm``; unused (torch's
         initial values are constants).
     """
 
-    family: ClassVar[NormFamily] = BATCH_NORM
+    family: ClassVar[Family] = BATCH_NORM
 
 
 class InstanceNorm(_TorchNorm):
@@ -172,4 +176,4 @@ class InstanceNorm(_TorchNorm):
     in eval whenever input statistics are used. The input must be batched (rank >= 3).
     """
 
-    family: ClassVar[NormFamily] = INSTANCE_NORM
+    family: ClassVar[Family] = INSTANCE_NORM

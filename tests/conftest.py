@@ -1,7 +1,8 @@
 """Test-session setup: float64 on (torch is compared at <= 1e-10), counters int64 like torch.
 
-Float32/bf16 tests ask for their dtypes explicitly. ``JAXBN_ONE_READ=interpret`` runs the GPU
-statistics kernel, interpreted, wherever it would apply (see jaxbn.functional.gpu_moments).
+Float32/bf16 tests ask for their dtypes explicitly. Speed choices are never switched for the whole
+session: a test that needs one passes a ``jaxbn.Strategy`` in its flags (the GPU statistics
+kernel, interpreted off-GPU: tests/test_gpu_moments.py).
 """
 
 import jax

@@ -22,6 +22,8 @@ from flax import nnx
 import jaxbn.linen
 import jaxbn.nnx
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.functional.families import FAMILIES
+from jaxbn.functional.torch_rules import Family
 from jaxbn.testing import oracle as torch_oracle
 
 C = 5
@@ -285,6 +287,58 @@ def test_linen_training_with_immutable_batch_stats_says_to_pass_mutable():
     untracked.apply({"params": variables["params"]}, x, train=True)
 
 
+def torch_writes_buffers(family: Family, state, flags: BatchNormFlags, x) -> bool | None:
+    """Whether torch's module modifies its buffers in place in this call (their version
+    counters move), or ``None`` when torch refuses the call."""
+    module = torch_oracle.build_module(C, x.ndim, state, None, flags, torch.float64, family)
+    versions = [b._version for b in module.buffers()]
+    try:
+        with torch.no_grad():
+            torch_oracle.forward(module, x)
+    except (RuntimeError, ValueError):
+        return None
+    return [b._version for b in module.buffers()] != versions
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_adapters_store_statistics_exactly_when_torch_writes_its_buffers(family):
+    """linen asks for ``mutable=['batch_stats']``, and NNX assigns its variables, in exactly the
+    calls where torch writes its buffers (all modes, flips and momenta, with and without them)."""
+    x = input_with_features_on(1, np.random.default_rng(6))
+    for training, buffers, tracking, momentum in itertools.product(
+        (True, False), (True, False), (True, False), (0.1, None)
+    ):
+        state = nonfresh_state(np.random.default_rng(7)) if buffers else None
+        flags = BatchNormFlags(training=training, track_running_stats=tracking, momentum=momentum,
+                               axis=1)
+        writes = torch_writes_buffers(family, state, flags, x)
+        if writes is None:
+            continue
+        case = f"training={training} buffers={buffers} tracking={tracking} momentum={momentum}"
+
+        linen_module = getattr(jaxbn.linen, family.name)(
+            momentum=momentum, affine=False, track_running_stats=buffers, axis=1,
+            param_dtype=jnp.float64)
+        variables = {} if state is None else {"batch_stats": dict(state._asdict())}
+        call = lambda: linen_module.apply(  # noqa: E731
+            variables, jnp.asarray(x), train=training, track_running_stats=tracking)
+        if writes:
+            with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+                call()
+        else:
+            call()
+
+        nnx_module = getattr(jaxbn.nnx, family.name)(
+            C, momentum=momentum, affine=False, track_running_stats=buffers, axis=1,
+            use_running_average=not training, param_dtype=jnp.float64)
+        nnx_module.track_running_stats = tracking
+        names = BatchNormState._fields if buffers else ()
+        before = [getattr(nnx_module, n).get_value() for n in names]
+        nnx_module(jnp.asarray(x))
+        after = [getattr(nnx_module, n).get_value() for n in names]
+        assert any(a is not b for a, b in zip(after, before)) == writes, case
+
+
 def test_linen_init_leaves_stats_as_torch_constructs_them():
     x = jnp.asarray(input_with_features_on(-1, np.random.default_rng(5)))
     module = jaxbn.linen.BatchNorm(momentum=None, param_dtype=jnp.float64)
@@ -320,6 +374,29 @@ def test_linen_init_runs_outside_the_mapped_axis():
     x = jnp.ones((4, C), jnp.float32)
     variables = jaxbn.linen.BatchNorm(axis_name="batch").init(jax.random.key(0), x, train=True)
     assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_the_strategy_attribute_reaches_the_pure_function(family, monkeypatch):
+    strategy = jaxbn.Strategy(running_mean_shift=True, backward_wait_bytes=0)
+    seen = []
+
+    def recording(f):
+        def pure(x, state, params, flags, **keywords):
+            seen.append(flags.strategy)
+            return jaxbn.functional.families.PURE_FUNCTIONS[f](x, state, params, flags, **keywords)
+        return pure
+
+    monkeypatch.setattr(jaxbn.functional.families, "pure_function", recording)
+    x = jnp.asarray(input_with_features_on(-1, np.random.default_rng(8)))
+    linen_module = getattr(jaxbn.linen, family.name)(strategy=strategy, param_dtype=jnp.float64)
+    variables = linen_module.init(jax.random.key(0), x, train=True)
+    linen_module.apply(variables, x, train=True, mutable=["batch_stats"])
+    nnx_module = getattr(jaxbn.nnx, family.name)(C, strategy=strategy, param_dtype=jnp.float64)
+    nnx_module(x)
+    nnx_module.strategy = None  # an attribute, set the torch way
+    nnx_module(x)
+    assert seen == [strategy, strategy, strategy, None]
 
 
 def test_linen_needs_a_mode():

@@ -21,6 +21,8 @@ from flax import nnx
 import jaxbn
 from helpers import F64_TOL, assert_close, assert_state_matches, random_input, random_params, random_state
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState, InstanceNormFlags
+from jaxbn.functional.families import pure_function
+from jaxbn.functional.torch_rules import BATCH_NORM, INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
 
 C = 3
@@ -122,7 +124,7 @@ def test_instance_norm_accepts_every_eps_as_torch_does(eps, training, buffers, t
     flags = InstanceNormFlags(training=training, track_running_stats=tracking, eps=eps)
     if not training and tracking and not buffers:
         return  # torch's own error (no running stats to use), pinned in test_instance_norm
-    module = torch_oracle.build_module(C, x.ndim, state, None, flags, torch.float64, "InstanceNorm")
+    module = torch_oracle.build_module(C, x.ndim, state, None, flags, torch.float64, INSTANCE_NORM)
     assert _torch_outcome(module, x) is None
     y, _ = jaxbn.instance_norm(jnp.asarray(x), state, None, flags)
     y_t, _ = torch_oracle.instance_norm(x, state, None, flags)
@@ -245,10 +247,10 @@ class TraceCounter:
 MOMENTA = (0.1, 0.05, 0.3, 0.01, 0.9, 0.5)
 
 
-@pytest.mark.parametrize("family", ["BatchNorm", "InstanceNorm"])
+@pytest.mark.parametrize("family", [BATCH_NORM, INSTANCE_NORM], ids=lambda f: f.name)
 def test_a_traced_momentum_schedule_compiles_once_and_matches_torch(family):
-    pure = jaxbn.batch_norm if family == "BatchNorm" else jaxbn.instance_norm
-    flags = BatchNormFlags(axis=1) if family == "BatchNorm" else InstanceNormFlags(track_running_stats=True)
+    pure = pure_function(family)
+    flags = BatchNormFlags(axis=1) if family is BATCH_NORM else InstanceNormFlags(track_running_stats=True)
     counted = TraceCounter(lambda x, s, p, m, e: pure(x, s, p, flags, momentum=m, eps=e))
     step = jax.jit(counted)
     state, params = random_state(RNG, C), random_params(RNG, C)

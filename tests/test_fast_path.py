@@ -243,7 +243,7 @@ def test_only_the_input_is_a_full_size_residual(shape, axis, training, buffers, 
 ])
 def test_reduction_views_keep_no_inner_unit_axis(shape, axis, blocks):
     """A unit axis after the channels slows XLA:CPU's reductions ~6x, one between rows and
-    channels a few per cent (benchmarks/NOTES.md §1, §12): the views drop both."""
+    channels slows them too: the views drop both."""
     from jaxbn.functional.reductions import Layout
 
     layout = Layout(shape, axis)
@@ -252,17 +252,17 @@ def test_reduction_views_keep_no_inner_unit_axis(shape, axis, blocks):
     assert site_shape == (1, 1) + blocks and site_shape[layout.channel_axis(2)] == shape[axis]
 
 
-def backward_reductions_wait(shape, axis, dtype):
-    """For one layer's ``vjp`` (training, buffers), whether each reduction over both ``dy`` and
-    ``x`` depends on the forward's ``invstd`` (found among the residuals by its value)."""
+def backward_reductions_wait(shape, axis, dtype, strategy):
+    """For one layer's ``vjp`` (training, buffers, ``strategy``), whether each reduction over
+    both ``dy`` and ``x`` depends on the forward's ``invstd`` (found among the residuals by its
+    value)."""
     from jax.extend import core as jcore
 
-    jax.clear_caches()  # the wait is decided at trace time, from the default backend
     rng = np.random.default_rng(0)
     c = shape[axis]
     x = jnp.asarray(rng.standard_normal(shape), dtype)
     state = jaxbn.init_state(c, dtype)._replace(num_batches_tracked=jnp.asarray(1, jnp.int32))
-    flags = jaxbn.BatchNormFlags(training=True, axis=axis)
+    flags = jaxbn.BatchNormFlags(training=True, axis=axis, strategy=strategy)
     params = jaxbn.init_params(c, dtype)
     _, vjp, _ = jax.vjp(lambda x: jaxbn.batch_norm(x, state, params, flags), x, has_aux=True)
     closed = jax.make_jaxpr(vjp)(x)
@@ -306,29 +306,29 @@ def backward_reductions_wait(shape, axis, dtype):
     ((32, 7, 7, 512), 3, jnp.float32, True),  # 3.1 MiB
     ((1024, 1024), 1, jnp.bfloat16, False),  # 2 MiB of bfloat16
 ])
-def test_backward_reduction_waits_for_invstd_only_for_large_inputs(shape, axis, dtype, waits,
-                                                                  monkeypatch):
-    """The backward's reduction waits for the forward's ``invstd`` above 2 MiB per input, where
-    starting early oversubscribes XLA:CPU's cores, and starts as soon as the mean is known below
-    it, where that is faster (``kernel.backward_waits``; benchmarks/NOTES.md §13)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert backward_reductions_wait(shape, axis, dtype) == [waits]
+def test_backward_reduction_waits_for_invstd_only_for_large_inputs(shape, axis, dtype, waits):
+    """With the CPU's default strategy the backward's reduction waits for the forward's
+    ``invstd`` above 2 MiB per input, where starting early oversubscribes XLA:CPU's cores, and
+    starts as soon as the mean is known below it, where that is faster
+    (``kernel.backward_waits``)."""
+    cpu = jaxbn.default_strategy("cpu")
+    assert backward_reductions_wait(shape, axis, dtype, cpu) == [waits]
 
 
 @pytest.mark.parametrize("shape", [(513, 1024), (32, 7, 7, 512)])
-def test_backward_reduction_never_waits_where_a_gpu_is_the_default_backend(shape, monkeypatch):
+def test_backward_reduction_never_waits_with_the_gpu_default_strategy(shape):
     """XLA:GPU runs the kernels in order on one stream: the wait would be one more kernel per norm
-    and order nothing (benchmarks/NOTES.md §14.3)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert backward_reductions_wait(shape, len(shape) - 1, jnp.float32) == [False]
+    and order nothing."""
+    gpu = jaxbn.default_strategy("gpu")
+    assert backward_reductions_wait(shape, len(shape) - 1, jnp.float32, gpu) == [False]
 
 
-def layer_vjp_program(x, ct):
+def layer_vjp_program(x, ct, strategy):
     """One training layer's ``vjp`` (buffers, seen a batch) as ``(values, StableHLO for cuda)``."""
     c = x.shape[-1]
     state = jaxbn.init_state(c)._replace(num_batches_tracked=jnp.asarray(1, jnp.int32))
     params = jaxbn.init_params(c)
-    flags = jaxbn.BatchNormFlags(training=True, axis=-1)
+    flags = jaxbn.BatchNormFlags(training=True, axis=-1, strategy=strategy)
 
     def step(x, params):
         (y, _), vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, state, p, flags), x, params)
@@ -339,26 +339,16 @@ def layer_vjp_program(x, ct):
     return program(x, params), text
 
 
-@pytest.mark.parametrize("backend,barrier,expected", [
-    ("gpu", True, True), ("gpu", False, False), ("cpu", True, True), ("cpu", False, True)])
-def test_the_cse_barrier_is_dropped_only_off_the_cpu_and_when_asked(backend, barrier, expected,
-                                                                   monkeypatch):
-    """``kernel.cse_barrier(False)`` (the step benchmark's "jaxbn no barrier") drops
-    ``jax.checkpoint``'s optimization barrier where a GPU is the default backend, never on the
-    CPU (there the step is slower without it, benchmarks/NOTES.md §14.4); values agree to
-    rounding."""
-    from jaxbn.functional import kernel
-
+def test_the_cse_barrier_stays_whatever_the_strategy():
+    """The backward pass recomputes the tangent map behind ``jax.checkpoint``'s optimization
+    barrier with the CPU's and the GPU's default strategy alike (no switch turns it off); the
+    two strategies' values agree to rounding."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 5, 5, 16)) * 3 + 7, jnp.float32)
     ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    with kernel.cse_barrier(barrier):
-        values, text = layer_vjp_program(x, ct)
-    assert ("optimization_barrier" in text) == expected
-    assert kernel.gpu_cse_barrier  # restored
-    with kernel.cse_barrier(True):
-        reference, _ = layer_vjp_program(x, ct)
+    values, text = layer_vjp_program(x, ct, jaxbn.default_strategy("gpu"))
+    reference, cpu_text = layer_vjp_program(x, ct, jaxbn.default_strategy("cpu"))
+    assert "optimization_barrier" in text and "optimization_barrier" in cpu_text
     for a, b in zip(jax.tree.leaves(values), jax.tree.leaves(reference)):  # float32 sums of 400,
         b = np.asarray(b)  # fused (so rounded) differently: a few ulp of the largest value
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=2e-6 * np.abs(b).max())

@@ -1,7 +1,8 @@
 """The one-read GPU statistics kernel (jaxbn.functional.gpu_moments).
 
-On a machine without a GPU the kernel runs in Pallas' interpreter (the same kernel body, the
-same tiling, the same merge); on a CUDA GPU these tests run the compiled Triton kernel. float32
+The kernel is a choice of the strategy (``jaxbn.Strategy(one_read=...)``), passed in the flags. On
+a machine without a GPU the kernel runs in Pallas' interpreter (the same kernel body, the same
+tiling, the same merge); on a CUDA GPU these tests run the compiled Triton kernel. float32
 data with a large mean and far-off shifts is compared with float64 (numpy and torch); everything
 else is compared with the XLA two-pass path the kernel replaces, which the rest of the suite pins
 to torch.
@@ -9,7 +10,6 @@ to torch.
 
 from __future__ import annotations
 
-import os
 import re
 import types
 import warnings
@@ -21,14 +21,14 @@ import pytest
 import torch
 
 import jaxbn
+from jaxbn import OneRead, Strategy
 from jaxbn.functional import gpu_moments, reductions
 
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def kernel(on: bool = True):
-    """Trace with the kernel (interpreted off-GPU) or with the XLA two-pass statistics."""
-    return gpu_moments.use_kernel(on, interpreted=on and not ON_GPU)
+XLA = jaxbn.default_strategy(jax.default_backend())
+"""The statistics as this backend computes them by default: the XLA path."""
+KERNEL = XLA.replace(one_read=OneRead.CUDA if ON_GPU else OneRead.INTERPRETED)
+"""The same with the kernel on (interpreted off-GPU)."""
 
 
 def hard_data(shape: tuple[int, ...], case: str, seed: int = 0) -> np.ndarray:
@@ -47,13 +47,11 @@ def hard_data(shape: tuple[int, ...], case: str, seed: int = 0) -> np.ndarray:
 
 
 def kernel_moments(x: jax.Array) -> reductions.Moments:
-    with kernel():
-        return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1))(x)
+    return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1, strategy=KERNEL))(x)
 
 
 def xla_moments(x: jax.Array) -> reductions.Moments:
-    with kernel(False):
-        return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1))(x)
+    return jax.jit(lambda x: reductions.batch_moments(x, x.ndim - 1, strategy=XLA))(x)
 
 
 # --- where the kernel applies -----------------------------------------------------------------
@@ -74,22 +72,13 @@ def test_tiling_refuses_what_it_cannot_tile(rows, channels):
 
 
 def test_the_kernel_is_opt_in():
-    assert not gpu_moments.enabled or os.environ.get("JAXBN_ONE_READ") in ("1", "interpret")
-    with gpu_moments.use_kernel(True):
-        assert gpu_moments.enabled
-        with gpu_moments.use_kernel(False):
-            assert not gpu_moments.enabled
-        assert gpu_moments.enabled
-    before = gpu_moments.interpret
-    with gpu_moments.use_kernel(True, interpreted=not before):
-        assert gpu_moments.interpret is (not before)
-        with gpu_moments.use_kernel(False):  # interpreted=None leaves it alone
-            assert gpu_moments.interpret is (not before)
-    assert gpu_moments.interpret is before
+    """No backend's default strategy turns it on; flags name no strategy unless asked."""
+    for backend in ("cpu", "gpu", "cuda", "rocm", "tpu"):
+        assert jaxbn.default_strategy(backend).one_read is OneRead.OFF
+    assert jaxbn.BatchNormFlags().strategy is None and Strategy().one_read is OneRead.OFF
 
 
-def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats(monkeypatch):
-    monkeypatch.setattr(gpu_moments, "enabled", True)
+def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats():
     shape = (8, 4, 4, 64)
     assert gpu_moments.applies(shape, 3, jnp.float32, False, False)
     assert gpu_moments.applies(shape, 3, jnp.bfloat16, False, False)
@@ -98,9 +87,9 @@ def test_applies_only_to_unmasked_unsharded_channels_last_16_and_32_bit_floats(m
     assert not gpu_moments.applies(shape, 3, jnp.float64, False, False)
     assert not gpu_moments.applies(shape, 3, jnp.float32, True, False)  # mask
     assert not gpu_moments.applies(shape, 3, jnp.float32, False, True)  # explicit sharding
-    with gpu_moments.use_kernel(False):
-        assert not gpu_moments.applies(shape, 3, jnp.float32, False, False)
-    assert gpu_moments.enabled
+    sums = reductions.ChannelSums(reductions.Layout(shape, 3))
+    for mode in OneRead:  # where it applies, the strategy decides
+        assert reductions.one_read_mode(sums, jnp.float32, Strategy(one_read=mode)) is mode
 
 
 @pytest.mark.parametrize("capabilities,usable", [(None, True), (["9.0"], True), (["8.0", "8.6"], True),
@@ -132,30 +121,29 @@ def test_the_deprecation_filter_silences_only_pallas_triton_s_message():
 
 
 @pytest.mark.parametrize("shape", [(32, 16, 16, 64), (16, 7, 7, 64), (256, 1024)])
-def test_cuda_lowering_is_one_triton_kernel_and_cpu_programs_are_unchanged(shape, monkeypatch):
+def test_cuda_lowering_is_one_triton_kernel_and_cpu_programs_are_unchanged(shape):
     """Lowered for CUDA (no GPU needed), the statistics are one Triton call; compiled for this
-    machine's backend without a GPU, the program is exactly the XLA two-pass one."""
-    monkeypatch.setattr(gpu_moments, "enabled", True)
-    monkeypatch.setattr(gpu_moments, "interpret", False)  # (JAXBN_ONE_READ=interpret sets it)
+    machine's backend without a GPU, the program is exactly the one without the kernel."""
     x = jnp.ones(shape, jnp.float32)
-    flags = jaxbn.BatchNormFlags(axis=-1)
     c = shape[-1]
+    on, off = XLA.replace(one_read=OneRead.CUDA), XLA
 
-    def layer(x):
+    def layer(x, strategy):
+        flags = jaxbn.BatchNormFlags(axis=-1, strategy=strategy)
         return jaxbn.batch_norm(x, jaxbn.init_state(c), jaxbn.init_params(c), flags)
 
-    def lowered(**kwargs):  # a fresh function each time: jit caches traces by function
-        return jax.jit(lambda x: layer(x)).trace(x).lower(**kwargs)
+    jitted = jax.jit(layer, static_argnums=1)  # one function for both: a strategy is static
 
-    cuda = lowered(lowering_platforms=("cuda",)).as_text()
+    def lowered(strategy, **kwargs):
+        return jitted.trace(x, strategy).lower(**kwargs)
+
+    cuda = lowered(on, lowering_platforms=("cuda",)).as_text()
     assert cuda.count("xla.gpu.triton") == 1 and "jaxbn_channel_moments" in cuda
-    with gpu_moments.use_kernel(False):
-        assert "triton" not in lowered(lowering_platforms=("cuda",)).as_text()
+    assert "triton" not in lowered(off, lowering_platforms=("cuda",)).as_text()
     if not ON_GPU:
-        on = program(lowered().compile().as_text())
-        with gpu_moments.use_kernel(False):
-            off = program(lowered().compile().as_text())
-        assert "reduce" in on and on == off
+        compiled_on = program(lowered(on).compile().as_text())
+        compiled_off = program(lowered(off).compile().as_text())
+        assert "reduce" in compiled_on and compiled_on == compiled_off
 
 
 def program(hlo: str) -> str:
@@ -164,28 +152,28 @@ def program(hlo: str) -> str:
     return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
 
 
-def test_jax_export_needs_the_kernel_off(monkeypatch):
+def test_jax_export_needs_the_kernel_off():
     """``jax.export`` refuses the kernel's Triton custom call (no compatibility guarantee) and,
     for ("cpu", "cuda"), lowers the CUDA branch for the CPU too, where Pallas refuses a compiled
     kernel: why the kernel is opt-in. With it off (the default) both exports work."""
     from jax import export
 
-    monkeypatch.setattr(gpu_moments, "interpret", False)
     x = jnp.asarray(np.random.default_rng(7).standard_normal((16, 8, 8, 64)), jnp.float32)
     flags = jaxbn.BatchNormFlags(axis=-1)
 
-    def exported(platforms):  # a fresh function each time: jit caches traces by function
-        layer = lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), None, flags)  # noqa: E731
+    def exported(strategy, platforms):
+        def layer(x):
+            return jaxbn.batch_norm(x, jaxbn.init_state(64), None, flags.replace(strategy=strategy))
+
         return export.export(jax.jit(layer), platforms=platforms)(x)
 
-    with gpu_moments.use_kernel(True):
-        with pytest.raises(ValueError, match="compatibility guarantees"):
-            exported(("cuda",))
-        with pytest.raises(ValueError, match="interpret"):
-            exported(("cpu", "cuda"))
-    with gpu_moments.use_kernel(False):
-        assert "triton" not in exported(("cuda",)).mlir_module()
-        both_platforms = exported(("cpu", "cuda"))
+    on = XLA.replace(one_read=OneRead.CUDA)
+    with pytest.raises(ValueError, match="compatibility guarantees"):
+        exported(on, ("cuda",))
+    with pytest.raises(ValueError, match="interpret"):
+        exported(on, ("cpu", "cuda"))
+    assert "triton" not in exported(None, ("cuda",)).mlir_module()
+    both_platforms = exported(None, ("cpu", "cuda"))
     if not ON_GPU:
         y, state = both_platforms.call(x)
         y0, state0 = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), None, flags))(x)
@@ -207,7 +195,6 @@ def test_moments_of_large_mean_data_are_two_pass_accurate(shape, case, programs,
     two-pass path (which meets the same bounds) -- a one-pass sum of squares misses both by
     orders of magnitude on this data. With few programs, each merges many tiles itself."""
     monkeypatch.setattr(gpu_moments, "_TARGET_PROGRAMS", programs)
-    monkeypatch.setattr(gpu_moments, "enabled", True)
     x = hard_data(shape, case)
     assert gpu_moments.applies(shape, len(shape) - 1, x.dtype, False, False)
     tile_rows, tiles, _ = gpu_moments.tiling(x.size // shape[-1], shape[-1])
@@ -237,9 +224,8 @@ def test_batch_norm_2d_matches_float64_torch(dtype):
         expected = bn(torch.from_numpy(x64.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
     params = jaxbn.BatchNormParams(jnp.asarray(bn.weight.detach().numpy(), jnp.float32),
                                    jnp.asarray(bn.bias.detach().numpy(), jnp.float32))
-    flags = jaxbn.BatchNormFlags(momentum=0.3, axis=-1)
-    with kernel():
-        y, state = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), params, flags))(x)
+    flags = jaxbn.BatchNormFlags(momentum=0.3, axis=-1, strategy=KERNEL)
+    y, state = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(64), params, flags))(x)
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}[dtype]  # y's rounding
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol, atol=tol)
     np.testing.assert_allclose(state.running_mean, bn.running_mean.numpy(), rtol=3e-7, atol=2e-6)
@@ -256,21 +242,16 @@ def layer_fn(flags, channels=64):
 
 
 def both(f, *args):
-    """``f(*args)`` jitted with and without the kernel: each from a fresh trace (jit caches a
-    function's trace, and the switch is read when tracing)."""
-    with kernel():
-        on = jax.jit(lambda *a: f(*a))(*args)
-    with kernel(False):
-        off = jax.jit(lambda *a: f(*a))(*args)
-    return on, off
+    """``f(strategy, *args)`` jitted with :data:`KERNEL` and with :data:`XLA`."""
+    return tuple(jax.jit(lambda *a, s=strategy: f(s, *a))(*args) for strategy in (KERNEL, XLA))
 
 
 def test_train_step_values_and_gradients_equal_the_xla_path():
     x = jnp.asarray(hard_data((16, 8, 8, 64), "plain", seed=1)) - 1e4
     dy = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
-    f = layer_fn(jaxbn.BatchNormFlags(axis=-1))
 
-    def value_and_grad(x):
+    def value_and_grad(strategy, x):
+        f = layer_fn(jaxbn.BatchNormFlags(axis=-1, strategy=strategy))
         (y, state), pullback = jax.vjp(f, x)
         return y, state, pullback((dy, jax.tree.map(jnp.zeros_like, state)))
 
@@ -282,11 +263,11 @@ def test_train_step_values_and_gradients_equal_the_xla_path():
 def test_second_derivatives_equal_the_xla_path():
     """The kernel has no derivative of its own: higher derivatives go through the XLA path's."""
     x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 4, 4, 16)) * 2 + 3, jnp.float32)
-    f = layer_fn(jaxbn.BatchNormFlags(axis=-1), channels=16)
     w = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
     probe = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
 
-    def hvp(x):
+    def hvp(strategy, x):
+        f = layer_fn(jaxbn.BatchNormFlags(axis=-1, strategy=strategy), channels=16)
         loss = lambda x: jnp.sum(jnp.sin(f(x)[0]) * w)  # noqa: E731
         return jax.jvp(jax.grad(loss), (x,), (probe,))[1]
 
@@ -299,9 +280,12 @@ def test_vmap_with_axis_name_merges_members_like_the_concatenated_batch():
     """Members of a vmap with ``axis_name`` share statistics: Chan's merge across them equals the
     moments of the concatenated batch (float64 numpy)."""
     x = hard_data((4, 8, 4, 4, 32), "first element +30σ", seed=6)
-    flags = jaxbn.BatchNormFlags(axis=-1, axis_name="members")
-    f = jax.vmap(_member_fn(flags), axis_name="members")
-    on, off = both(f, jnp.asarray(x))
+
+    def members(strategy, x):
+        flags = jaxbn.BatchNormFlags(axis=-1, axis_name="members", strategy=strategy)
+        return jax.vmap(_member_fn(flags), axis_name="members")(x)
+
+    on, off = both(members, jnp.asarray(x))
     x64 = x.astype(np.float64).reshape(-1, 32)
     for (y, state) in (on, off):
         np.testing.assert_allclose(state.running_mean[0], 0.1 * x64.mean(0), rtol=1e-7)

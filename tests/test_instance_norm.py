@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import jaxbn
+from jaxbn.functional.torch_rules import INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -129,7 +130,7 @@ def test_gradients_match_torch(training, track):
     cot = np.random.RandomState(5).randn(*shape)
     state, params = fresh_state(c), fresh_params(c)
     flags = jaxbn.InstanceNormFlags(training=training, track_running_stats=track)
-    module = torch_oracle.build_module(c, 4, state, params, flags, torch.float64, "InstanceNorm")
+    module = torch_oracle.build_module(c, 4, state, params, flags, torch.float64, INSTANCE_NORM)
     y_ref, dx_ref, dp_ref = torch_oracle.vjp(module, x, cot)
 
     def loss(x, params):

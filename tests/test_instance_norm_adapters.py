@@ -23,6 +23,7 @@ import jaxbn.linen
 import jaxbn.nnx
 import jaxbn.porting
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn.functional.torch_rules import INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
 
 C = 3
@@ -168,7 +169,7 @@ def test_a_sequence_of_attribute_flips_tracks_a_live_torch_module(adapter, ndim,
     state, params = nonfresh_state(rng), random_params(rng)
     first = dict(vars(SEQUENCE[0]), axis=axis)
     torch_module = torch_oracle.build_module(
-        C, ndim, state, params, BatchNormFlags(**first), torch.float64, family="InstanceNorm")
+        C, ndim, state, params, BatchNormFlags(**first), torch.float64, family=INSTANCE_NORM)
     layer = LAYERS[adapter](state, params, BatchNormFlags(**first))
     assert type(torch_module).__name__ == f"InstanceNorm{ndim - 2}d"
     previous = None
@@ -263,7 +264,7 @@ def test_nnx_under_jit_follows_attribute_flips_and_view():
     flags = BatchNormFlags(training=True, track_running_stats=True, momentum=0.1, axis=-1)
     layer = NNXLayer(state, params, flags)
     torch_module = torch_oracle.build_module(C, 4, state, params, flags, torch.float64,
-                                             family="InstanceNorm")
+                                             family=INSTANCE_NORM)
 
     @nnx.jit
     def call(module, x):

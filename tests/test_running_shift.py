@@ -1,10 +1,11 @@
 """The running mean as the shift of the batch statistics (``reductions.running_shifted``).
 
-On the CPU a training call with buffers sums ``x - running_mean`` instead of reading a shift from
-the batch first. Whether or not the running mean can be trusted as a shift, the statistics must
-stay exact for data at a mean of 1e5 standard deviations, with torch in float64 as the oracle. A
-plain float32 mean of this data errs by more than 1e-3, so a path that trusted a far-off shift
-(or skipped the residual read) breaks the 1e-3 bound on ``y``.
+With the CPU's default strategy (``Strategy.running_mean_shift``) a training call with buffers
+sums ``x - running_mean`` instead of reading a shift from the batch first. Whether or not the
+running mean can be trusted as a shift, the statistics must stay exact for data at a mean of 1e5
+standard deviations, with torch in float64 as the oracle. A plain float32 mean of this data errs
+by more than 1e-3, so a path that trusted a far-off shift (or skipped the residual read) breaks
+the 1e-3 bound on ``y``.
 """
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 import jaxbn
 from helpers import max_abs_diff
 from jaxbn import BatchNormFlags, BatchNormState
-from jaxbn.functional.reductions import RunningStats, trusts_running_shift
+from jaxbn.functional.reductions import ShiftHint, trusts_running_shift
 from jaxbn.testing import oracle as torch_oracle
 
 C = 64
@@ -49,7 +50,7 @@ STATES = {
 
 @pytest.mark.parametrize("name", STATES)
 def test_statistics_keep_two_pass_accuracy_whatever_the_running_mean(name):
-    flags = BatchNormFlags(axis=-1)
+    flags = BatchNormFlags(axis=-1, strategy=jaxbn.Strategy(running_mean_shift=True))
     given = state(*STATES[name])
     y, new = jax.jit(jaxbn.batch_norm, static_argnums=3)(jnp.asarray(X), given, None, flags)
     as64 = jax.tree.map(lambda a: np.asarray(a, np.float64), given)
@@ -79,33 +80,35 @@ def test_statistics_keep_two_pass_accuracy_whatever_the_running_mean(name):
 )
 def test_the_running_mean_is_trusted_only_within_four_running_deviations(mean, var, batches,
                                                                         offset, trusted):
-    running = RunningStats(jnp.full((C,), mean, jnp.float32), jnp.full((C,), var, jnp.float32),
-                           jnp.asarray(batches, jnp.int32))
-    assert bool(trusts_running_shift(running, jnp.asarray(offset, jnp.float32))) is trusted
+    hint = ShiftHint(jnp.full((C,), mean, jnp.float32), jnp.full((C,), var, jnp.float32),
+                     jnp.asarray(batches, jnp.int32))
+    assert bool(trusts_running_shift(hint, jnp.asarray(offset, jnp.float32))) is trusted
 
 
-def cpu_program(with_state: bool) -> str:
+def cpu_program(with_state: bool, strategy: jaxbn.Strategy | None = None) -> str:
+    """The compiled CPU program of a training layer; ``strategy`` None: the default one."""
     x = jnp.zeros((8, 4, 4, C), jnp.float32)
-    flags = BatchNormFlags(axis=-1)
+    flags = BatchNormFlags(axis=-1, strategy=strategy)
     if with_state:
         fn = jax.jit(lambda x, s: jaxbn.batch_norm(x, s, None, flags)[0])
         return fn.lower(x, jaxbn.init_state(C)).compile().as_text()
     return jax.jit(lambda x: jaxbn.batch_norm(x, None, None, flags)[0]).lower(x).compile().as_text()
 
 
-def test_where_cpu_is_not_the_default_backend_the_shift_is_read_from_the_batch(monkeypatch):
-    """An XLA:GPU conditional reads its predicate on the host: with a GPU as the default backend
-    the statistics keep the data shift (the decision is taken at trace time)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    program = cpu_program(True)  # compiled for the CPU all the same, traced as for the GPU
+def test_with_the_gpu_default_strategy_the_shift_is_read_from_the_batch():
+    """An XLA:GPU conditional reads its predicate on the host: the GPU's default strategy keeps
+    the data shift."""
+    program = cpu_program(True, jaxbn.default_strategy("gpu"))  # compiled for the CPU all the same
     assert "conditional(" not in program
     assert " slice(" in program or "dynamic-slice(" in program
 
 
 def test_with_buffers_the_cpu_program_reads_no_shift_from_the_batch():
-    """The point of the running shift: no kernel slices the batch before its first sum. Without
-    buffers the shift is still read from the batch (the first row), a slice."""
-    with_state, without = cpu_program(True), cpu_program(False)
+    """The point of the running shift, on by default on the CPU: no kernel slices the batch
+    before its first sum. Without buffers the shift is still read from the batch (the first
+    row), a slice."""
+    cpu = jaxbn.default_strategy("cpu")
+    with_state, without = cpu_program(True, cpu), cpu_program(False, cpu)
     assert " slice(" not in with_state and "dynamic-slice(" not in with_state
     assert "conditional(" in with_state  # the residual read, for untrusted running statistics
     assert " slice(" in without or "dynamic-slice(" in without

@@ -43,15 +43,11 @@ def test_every_norm_builds_torchs_resnet18():
     assert param_count("no norm") == torch_params - torch_norm_params
 
 
-def test_the_one_read_contender_traces_with_the_gpu_kernel(monkeypatch):
+def test_the_one_read_contender_traces_with_the_gpu_kernel():
     """On a GPU, "jaxbn one-read" is the library with its opt-in kernel on (lowered for CUDA
     here: one Triton call per norm in "jaxbn one-read", none in "jaxbn", the default)."""
-    from jaxbn.functional import gpu_moments
-
-    monkeypatch.setattr(gpu_moments, "interpret", False)
     x = jnp.zeros((16, 64, 64, 3), jnp.float32)
     calls = {}
-    monkeypatch.setattr(gpu_moments, "enabled", False)
     for norm in ("jaxbn", "jaxbn one-read"):
         model = step.resnet18(norm, jnp.float32)
         variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -60,42 +56,19 @@ def test_the_one_read_contender_traces_with_the_gpu_kernel(monkeypatch):
         ).trace(variables, x).lower(lowering_platforms=("cuda",))
         calls[norm] = lowered.as_text().count("xla.gpu.triton")
     assert calls == {"jaxbn": 0, "jaxbn one-read": 20}
-    assert not gpu_moments.enabled
-
-
-def test_the_no_barrier_contender_traces_without_the_cse_barrier(monkeypatch):
-    """On a GPU, "jaxbn no barrier" is the library with the backward's rematerialization free of
-    its optimization barriers (one per norm in "jaxbn", none in "jaxbn no barrier")."""
-    from jaxbn.functional import kernel
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    x = jnp.zeros((4, 32, 32, 3), jnp.float32)
-    barriers = {}
-    for norm in ("jaxbn", "jaxbn no barrier"):
-        model = step.resnet18(norm, jnp.float32)
-        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-
-        def loss(params, stats, x):
-            out, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                 mutable=["batch_stats"])
-            return out.sum()
-
-        lowered = jax.jit(jax.grad(loss)).trace(
-            variables["params"], variables["batch_stats"], x).lower(lowering_platforms=("cuda",))
-        barriers[norm] = lowered.as_text().count("stablehlo.optimization_barrier")
-    assert barriers == {"jaxbn": 20, "jaxbn no barrier": 0}
-    assert kernel.gpu_cse_barrier
 
 
 def test_variant_columns_line_up():
-    times = {"jaxbn": 100.0, "jaxbn no barrier": 95.0, "flax": 110.0, "flax accurate": 112.0,
+    times = {"jaxbn": 100.0, "jaxbn one-read": 95.0, "flax": 110.0, "flax accurate": 112.0,
              "no norm": 90.0}
-    table = step.render([("float32", 128, 128, times, {"jaxbn": 3.0, "flax": 3.0})], "cpu", 5)
+    compile_s = {"jaxbn": 3.0, "flax": 3.0}
+    table = step.render([("float32", 128, 128, times, compile_s)], "cpu", 5)
     header, rule, row = table.strip().splitlines()[-3:]
     cells = dict(zip(header.split("|"), row.split("|")))
-    assert cells[" jaxbn no barrier "].strip() == "95.0"
-    assert cells[" jaxbn no barrier/flax "].strip() == "0.86"
-    assert "one-read" not in header
+    assert cells[" jaxbn one-read "].strip() == "95.0"
+    assert cells[" jaxbn one-read/flax "].strip() == "0.86"
+    without = {k: v for k, v in times.items() if k != "jaxbn one-read"}  # not run: no columns
+    assert "one-read" not in step.render([("float32", 128, 128, without, compile_s)], "cpu", 5)
     assert len(header.split("|")) == len(rule.split("|")) == len(row.split("|"))
 
 

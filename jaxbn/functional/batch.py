@@ -16,16 +16,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import validation
-from .kernel import Normalization, normalize
-from .reductions import ChannelSums, Layout, Moments, RunningStats, stats_dtype
+from .kernel import GivenStats, Normalization, normalize
+from .reductions import ChannelSums, Layout, Moments, ShiftHint, stats_dtype
+from .strategy import Strategy, resolve_strategy
 from .torch_rules import BATCH_NORM, Family, Plan, update_factor
 from .types import UNSET, BatchNormFlags, BatchNormParams, BatchNormState
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One call, validated: its arrays (as JAX arrays), static flags, plan, feature axis and eps
-    value (a float, or a traced scalar)."""
+    """One call, validated and decided: what :func:`apply_plan` carries out.
+
+    Attributes:
+      x, state, params: the arrays, as JAX arrays.
+      flags: the static flags, overrides folded in.
+      plan: torch's decision (with a traced ``momentum`` in it if one was given).
+      feature_axis: the non-negative channel axis of ``x``.
+      eps: a float, or a traced scalar.
+      strategy: how to compute (``flags.strategy``, or the backend's default).
+    """
 
     x: jax.Array
     state: BatchNormState | None
@@ -34,6 +43,7 @@ class Call:
     plan: Plan
     feature_axis: int
     eps: Any
+    strategy: Strategy
 
 
 def prepare_call(
@@ -46,7 +56,8 @@ def prepare_call(
     eps: Any,
 ) -> Call:
     """Validate the arguments and decide the call: the checks every family shares, the static
-    overrides folded into ``flags``, torch's plan with a traced ``momentum`` in it if given.
+    overrides folded into ``flags``, torch's plan with a traced ``momentum`` in it if given, the
+    strategy resolved.
 
     NumPy arguments become JAX arrays first, so eager calls see the dtypes a jitted call sees
     (float64 becomes float32 when ``jax_enable_x64`` is off, in both).
@@ -59,7 +70,8 @@ def prepare_call(
     plan = family.plan(flags, state is not None)
     if momentum is not UNSET:
         plan = dataclasses.replace(plan, momentum=momentum)
-    return Call(x, state, params, flags, plan, feature_axis, flags.eps if eps is UNSET else eps)
+    return Call(x, state, params, flags, plan, feature_axis, flags.eps if eps is UNSET else eps,
+                resolve_strategy(flags.strategy))
 
 
 def update_state(
@@ -108,42 +120,39 @@ def update_state(
 
 
 def apply_plan(
-    x: jax.Array,
-    state: BatchNormState | None,
-    params: BatchNormParams | None,
-    flags: BatchNormFlags,
-    plan: Plan,
-    feature_axis: int,
-    eps: Any,
-    mask: jax.Array | None = None,
-    shift_from_state: bool = False,
+    call: Call, mask: jax.Array | None = None, running_mean_as_shift: bool = False
 ) -> tuple[jax.Array, BatchNormState | None]:
-    """Normalize ``x`` (validated; features on ``feature_axis``) as ``plan`` says, and update the
-    buffers if it says so. Every family's pure function ends here.
+    """Normalize ``call.x`` as ``call.plan`` says, and update the buffers if it says so. Every
+    family's pure function ends here.
 
-    ``shift_from_state``: offer ``state``'s running statistics as the shift of the batch
-    statistics (:func:`jaxbn.functional.reductions.moments`); only for a family whose running
-    statistics describe the batch being normalized (batch norm).
+    ``running_mean_as_shift``: offer the buffers' running mean as the shift of the batch
+    statistics (:func:`jaxbn.functional.reductions.moments`; the strategy decides whether to
+    take it); only for a family whose running statistics describe the batch being normalized
+    (batch norm, not instance norm's average over instances).
     """
-    layout = Layout.of(x, feature_axis, flags.axis_name, flags.axis_index_groups)
-    dtype = stats_dtype(x.dtype)
-    if params is None:
+    state, plan = call.state, call.plan
+    layout = Layout.of(call.x, call.feature_axis, call.flags.axis_name,
+                       call.flags.axis_index_groups)
+    dtype = stats_dtype(call.x.dtype)
+    if call.params is None:
         weight = jnp.ones((layout.num_features,), dtype)
         bias = jnp.zeros((layout.num_features,), dtype)
     else:
-        weight, bias = params.weight.astype(dtype), params.bias.astype(dtype)
-    running = None
-    if state is not None and (not plan.uses_input_stats or shift_from_state):
-        running = RunningStats(state.running_mean, state.running_var, state.num_batches_tracked)
-        running = jax.tree.map(lax.stop_gradient, running)
+        weight, bias = call.params.weight.astype(dtype), call.params.bias.astype(dtype)
+    given = shift_hint = None
+    if state is not None and not plan.uses_input_stats:
+        given = jax.tree.map(lax.stop_gradient, GivenStats(state.running_mean, state.running_var))
+    if state is not None and plan.uses_input_stats and running_mean_as_shift:
+        shift_hint = ShiftHint(state.running_mean, state.running_var, state.num_batches_tracked)
+        shift_hint = jax.tree.map(lax.stop_gradient, shift_hint)
 
-    config = Normalization(layout, plan.uses_input_stats)
-    y, input_moments = normalize(config, x, mask, weight, bias, running, eps)
+    config = Normalization(layout, plan.uses_input_stats, call.strategy)
+    y, input_moments = normalize(config, call.x, mask, weight, bias, given, shift_hint, call.eps)
 
     if plan.writes_buffers:
         count = ChannelSums(layout, mask).count(dtype)
         batch = Moments(count=count, mean=input_moments[0], m2=input_moments[1])
-        return y, update_state(state, batch, plan, flags.skip_nonfinite_updates)
+        return y, update_state(state, batch, plan, call.flags.skip_nonfinite_updates)
     return y, state
 
 
@@ -203,7 +212,4 @@ def batch_norm(
     validation.check_eps(call.eps, call.plan.uses_input_stats)
     if call.plan.uses_input_stats and mask is None and call.flags.axis_name is None:
         validation.check_batch_size(shape, call.feature_axis)
-    return apply_plan(
-        call.x, call.state, call.params, call.flags, call.plan, call.feature_axis, call.eps, mask,
-        shift_from_state=True,
-    )
+    return apply_plan(call, mask, running_mean_as_shift=True)

@@ -13,30 +13,27 @@ Everything is in ``shift``-relative units (``x - shift``, the same data element 
 XLA path subtracts), so the mean keeps its rounding residual ``mean_lo`` exactly as
 :func:`~jaxbn.functional.reductions.moments` defines it.
 
-**Opt-in** (:data:`enabled`, ``JAXBN_ONE_READ=1``, or :func:`use_kernel`). On an H200 it takes
-2-3 % off a ResNet-18 training step (benchmarks/NOTES.md §9), and it costs what a Pallas
-Triton kernel costs: ``jax.export`` refuses to serialize its custom call (no compatibility
-guarantee) and cannot lower it for several platforms at once; each distinct shape adds a Triton
-compile (~1.5 s for ResNet-18); and JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU
-replaces it) and warns each time such a kernel is lowered -- jaxbn filters that one message once
-it uses the kernel (:func:`_filter_triton_deprecation`). When JAX drops the backend,
-:func:`triton_usable` turns the kernel off.
+**Opt-in** (:attr:`jaxbn.functional.strategy.Strategy.one_read`). It saves a read of every
+norm's input on a GPU, and costs what a Pallas Triton kernel costs: ``jax.export`` refuses to
+serialize its custom call (no compatibility guarantee) and cannot lower it for several platforms
+at once; each distinct shape adds a Triton compile; and JAX 0.11 deprecates Pallas' Triton
+backend (Mosaic GPU replaces it) and warns each time such a kernel is lowered -- jaxbn filters
+that one message once it uses the kernel (:func:`_filter_triton_deprecation`). When JAX drops
+the backend, :func:`triton_usable` turns the kernel off.
 
-Where it is on, it is used only where it applies (:func:`applies`): channels last (``(rows, C)``
-after a free reshape: NHWC, NDHWC, ``(N, C)``), no ``mask``, no explicit sharding, 16- or 32-bit
-floats, and row and channel counts the tiles divide, on a JAX whose Pallas has its Triton
-backend and CUDA GPUs of compute capability 8.0 or later (:func:`triton_usable`). Everything
-else, and every non-CUDA backend (``lax.platform_dependent``), keeps the XLA path.
+Where the strategy turns it on, it is used only where it applies (:func:`applies`): channels
+last (``(rows, C)`` after a free reshape: NHWC, NDHWC, ``(N, C)``), no ``mask``, no explicit
+sharding, 16- or 32-bit floats, and row and channel counts the tiles divide, on a JAX whose
+Pallas has its Triton backend and CUDA GPUs of compute capability 8.0 or later
+(:func:`triton_usable`). Everything else, and every non-CUDA backend
+(``lax.platform_dependent``), keeps the XLA path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import warnings
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -47,34 +44,9 @@ try:
 except ImportError:  # a JAX without Pallas: the XLA path everywhere
     pl = None
 
-#: True: use the kernel where it applies (opt-in; see the module docstring for why it is off by
-#: default). ``JAXBN_ONE_READ=1`` in the environment sets it at import.
-enabled = os.environ.get("JAXBN_ONE_READ", "0") in ("1", "interpret")
-#: True: run the kernel on every backend, in Pallas' interpreter (tests without a GPU).
-#: ``JAXBN_ONE_READ=interpret`` sets it (and :data:`enabled`) at import.
-interpret = os.environ.get("JAXBN_ONE_READ") == "interpret"
-# Both are read at trace time: they change functions traced afterwards (jit caches a function's
-# trace, so a function already jitted keeps what it was traced with).
-
 _TILE_ELEMENTS = 4096  # elements of one register tile (rows x channel block)
 _TARGET_PROGRAMS = 1024  # enough programs to fill every SM of an H100/H200 a few times
 _NUM_WARPS = 4
-
-
-@contextlib.contextmanager
-def use_kernel(on: bool = True, *, interpreted: bool | None = None) -> Iterator[None]:
-    """Within this block, trace with the kernel on (``on``) or off, whatever :data:`enabled`
-    says, and (``interpreted`` not None) with :data:`interpret` set to ``interpreted``.
-    Functions traced inside keep the choice (jit caches their traces)."""
-    global enabled, interpret
-    before = enabled, interpret
-    enabled = on
-    if interpreted is not None:
-        interpret = interpreted
-    try:
-        yield
-    finally:
-        enabled, interpret = before
 
 
 def channel_block(num_features: int) -> int:
@@ -148,9 +120,10 @@ def _filter_triton_deprecation() -> None:
 
 
 def applies(shape: tuple[int, ...], feature_axis: int, dtype: jnp.dtype, masked: bool,
-            sharded: bool) -> bool:
-    """Whether the kernel computes these statistics (see the module docstring)."""
-    if not enabled or masked or sharded or feature_axis != len(shape) - 1:
+            sharded: bool, interpret: bool = False) -> bool:
+    """Whether the kernel can compute these statistics (see the module docstring); ``interpret``:
+    in Pallas' interpreter, which needs no Triton."""
+    if masked or sharded or feature_axis != len(shape) - 1:
         return False
     if not interpret and not triton_usable():
         return False

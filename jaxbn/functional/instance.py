@@ -13,10 +13,11 @@ buffers to NaN (the mean of no instances); NaN statistics reach the buffers even
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-
-from typing import Any
 
 from . import validation
 from .batch import apply_plan, prepare_call
@@ -100,7 +101,9 @@ def instance_norm(
     folded_params = None
     if params is not None:
         folded_params = BatchNormParams(*(repeat_per_instance(p, n) for p in params))
-    y, folded_new = apply_plan(folded, folded_state, folded_params, call.flags, plan, 1, call.eps)
+    folded_call = dataclasses.replace(call, x=folded, state=folded_state, params=folded_params,
+                                      feature_axis=1)
+    y, folded_new = apply_plan(folded_call)
     y = jnp.moveaxis(y.reshape(channels_first.shape), 1, feature_axis)
     if not plan.writes_buffers:
         return y, state

@@ -8,10 +8,8 @@ No torch rule lives here: :class:`Normalization` says whether the statistics com
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -19,21 +17,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .reductions import (
-    ChannelSums, Layout, Moments, RunningStats, Site, moments, stats_dtype, traces_for_cpu,
-)
+from .reductions import ChannelSums, Layout, Moments, ShiftHint, Site, moments, stats_dtype
+from .strategy import Strategy
 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """Static description of one normalization: the input layout, and whether the statistics
-    come from the input (:attr:`jaxbn.functional.torch_rules.Plan.uses_input_stats`) or are given
-    (running statistics). With input statistics, running statistics passed to :func:`normalize`
-    only serve :func:`~jaxbn.functional.reductions.moments` as its shift (batch norm passes its
-    buffers; instance norm's, an average over instances, describe no one instance)."""
+    """Static description of one normalization: the input layout, whether the statistics come
+    from the input (:attr:`jaxbn.functional.torch_rules.Plan.uses_input_stats`) or are given
+    (the running statistics eval normalizes with), and how to compute (:class:`Strategy`)."""
 
     layout: Layout
     input_stats: bool
+    strategy: Strategy
+
+
+class GivenStats(NamedTuple):
+    """Per-channel statistics to normalize with instead of the input's: a layer's running
+    statistics in eval."""
+
+    mean: jax.Array
+    var: jax.Array
 
 
 class Centering(NamedTuple):
@@ -78,18 +82,19 @@ def statistics(
     config: Normalization,
     x: jax.Array,
     mask: jax.Array | None,
-    running: RunningStats | None,
+    given: GivenStats | None,
+    shift_hint: ShiftHint | None,
     eps: jax.Array | float,
 ) -> tuple[Centering, Moments | None]:
-    """``(centering, moments)``: from the input's moments (shifted by ``running`` if given), or
-    from the running statistics (``moments`` None)."""
+    """``(centering, moments)``: from the input's moments (which may take ``shift_hint`` as
+    their shift), or from the ``given`` statistics (``moments`` None)."""
     dtype = stats_dtype(x.dtype)
     eps = jnp.asarray(eps, dtype)
     if config.input_stats:
-        m = moments(x, ChannelSums(config.layout, mask), running)
+        m = moments(x, ChannelSums(config.layout, mask), config.strategy, shift_hint)
         return Centering(m.mean, m.mean_lo, lax.rsqrt(m.biased_var + eps)), m
-    invstd = lax.rsqrt(running.var.astype(dtype) + eps)
-    return Centering(running.mean.astype(dtype), None, invstd), None
+    invstd = lax.rsqrt(given.var.astype(dtype) + eps)
+    return Centering(given.mean.astype(dtype), None, invstd), None
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -99,22 +104,23 @@ def normalize(
     mask: jax.Array | None,
     weight: jax.Array,
     bias: jax.Array,
-    running: RunningStats | None,
+    given: GivenStats | None,
+    shift_hint: ShiftHint | None,
     eps: jax.Array | float,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Batch norm's differentiable part: ``(y, input_moments)``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` in ``x``'s dtype, with the input's
-    moments (``config.input_stats``; then ``input_moments = (mean, m2)``; ``running``, if given,
-    is only their shift) or the given running statistics (``input_moments = ()``; they get no
-    gradient, as in torch). ``eps`` may be traced; like the running statistics it gets no
+    moments (``config.input_stats``; then ``input_moments = (mean, m2)``; ``shift_hint``, if
+    given, may serve as their shift) or the ``given`` statistics (``input_moments = ()``; they
+    get no gradient, as in torch). ``eps`` may be traced; like the running statistics it gets no
     gradient.
 
     Differentiation goes through :func:`normalize_jvp`, whose tangent map keeps no full-size
     residual but ``x`` and transposes into torch's backward formula (forward mode, reverse mode,
     vmap and higher derivatives all work).
     """
-    return normalize_forward(config, (x, mask, weight, bias, running, eps))[0]
+    return normalize_forward(config, (x, mask, weight, bias, given, shift_hint, eps))[0]
 
 
 def normalize_forward(
@@ -124,69 +130,31 @@ def normalize_forward(
 
     ``primals`` are :func:`normalize`'s array arguments, in order.
     """
-    x, mask, weight, bias, running, eps = primals
-    c, m = statistics(config, x, mask, running, eps)
+    x, mask, weight, bias, given, shift_hint, eps = primals
+    c, m = statistics(config, x, mask, given, shift_hint, eps)
     y = affine_normalize(config.layout, x, c.mean, c.mean_lo, c.invstd * weight, bias)
     return (y.astype(x.dtype), ((m.mean, m.m2) if m is not None else ())), c
 
 
-BACKWARD_WAIT_BYTES = 2 * 2**20
-"""Inputs larger than this make the backward pass's reduction wait for the forward's ``invstd``
-(:func:`backward_waits`)."""
-
-
-def backward_waits(layout: Layout, dtype: jnp.dtype) -> bool:
-    """Whether the backward pass's reduction ``sum(dy * (x - mean))`` waits for ``invstd``.
+def backward_waits(layout: Layout, dtype: jnp.dtype, strategy: Strategy) -> bool:
+    """Whether the backward pass's reduction ``sum(dy * (x - mean))`` waits for ``invstd``: for
+    inputs larger than :attr:`Strategy.backward_wait_bytes`.
 
     Only a program that holds ``dy`` while the forward pass still runs -- one layer's ``vjp``
     with ``dy`` given, as in a layer benchmark -- can start that reduction early; in a network
-    ``dy`` arrives after the forward pass and the wait changes nothing. When it can: inputs
-    larger than :data:`BACKWARD_WAIT_BYTES` (out of cache) run faster if it waits, because on
-    XLA:CPU it would otherwise run beside the forward's second reduction and normalize pass and
-    oversubscribe the cores (~10 % at 25.7 MB); smaller ones run faster if it does not
-    (BatchNorm1d ``256 x 1024``: ~7 %). See benchmarks/NOTES.md §1 and §13. The wait is
-    ``mean + 0 * invstd``, which IEEE arithmetic does not let XLA fold.
-
-    Only on the CPU (:func:`~jaxbn.functional.reductions.traces_for_cpu`, as for the running
-    shift): XLA:GPU runs a program's kernels one after another on one stream, so there the wait
-    orders nothing and is one more kernel per norm (NOTES §14.3).
+    ``dy`` arrives after the forward pass and the wait changes nothing. When it can, on XLA:CPU,
+    an input out of cache runs faster if the reduction waits (else it runs beside the forward's
+    second reduction and normalize pass and oversubscribes the cores), a small one if it does
+    not.
     """
-    return (traces_for_cpu()
-            and math.prod(layout.shape) * jnp.dtype(dtype).itemsize > BACKWARD_WAIT_BYTES)
+    limit = strategy.backward_wait_bytes
+    return limit is not None and math.prod(layout.shape) * jnp.dtype(dtype).itemsize > limit
 
 
-#: Whether the rematerialized tangent map keeps ``jax.checkpoint``'s CSE barrier
-#: (``prevent_cse``) where the CPU is not JAX's default backend (:func:`keeps_cse_barrier`).
-#: True (the default, as measured on an H200: benchmarks/NOTES.md §9); False is for measuring the
-#: step without it on a GPU (``benchmarks/step.py --gpu``'s "jaxbn no barrier", NOTES §14).
-gpu_cse_barrier = True
-
-
-@contextlib.contextmanager
-def cse_barrier(on: bool) -> Iterator[None]:
-    """Within this block, trace with :data:`gpu_cse_barrier` set to ``on``."""
-    global gpu_cse_barrier
-    before, gpu_cse_barrier = gpu_cse_barrier, on
-    try:
-        yield
-    finally:
-        gpu_cse_barrier = before
-
-
-def keeps_cse_barrier() -> bool:
-    """Whether the backward pass recomputes the tangent map behind an optimization barrier
-    (``jax.checkpoint(prevent_cse=True)``), which stops XLA from merging the recomputation with
-    the forward pass's (that could keep a full-size intermediate alive until the backward).
-
-    On the CPU (:func:`~jaxbn.functional.reductions.traces_for_cpu`), always: without it
-    XLA:CPU shares the forward's ``invstd * weight`` with the backward, one per-channel kernel
-    more on each norm's chain, and the ResNet-18 step measured 1.005-1.05x as long (NOTES §14.4).
-    Elsewhere as
-    :data:`gpu_cse_barrier` says: on XLA:GPU the barrier also keeps the backward's reduction from
-    fusing the producer of the incoming gradient (a ReLU's mask), which flax's reduction fuses
-    (NOTES §14.2, §14.4).
-    """
-    return gpu_cse_barrier or traces_for_cpu()
+def after(value: jax.Array, dependency: jax.Array) -> jax.Array:
+    """``value``, computed only once ``dependency`` is: ``value + 0 * dependency``, which IEEE
+    arithmetic does not let XLA fold (``0 * inf`` is NaN)."""
+    return value + 0 * dependency
 
 
 def tangent_map(
@@ -212,6 +180,10 @@ def tangent_map(
     broadcasting, so that the transpose reduces ``dy`` and ``dy * x_hat`` once each (shared with
     ``dbias`` and ``dweight``); ``x_hat * (...)`` is formed in its own view (``Site.TANGENT``) so
     its transposed reduction fuses on XLA:CPU (see :mod:`jaxbn.functional.reductions`).
+
+    Rematerialized behind ``jax.checkpoint``'s CSE barrier (``prevent_cse``), which stops XLA
+    from merging the recomputation with the forward pass's: XLA:CPU would otherwise share the
+    forward's ``invstd * weight``, one per-channel kernel more on each norm's chain.
     """
     mean, mean_lo, invstd = centering
     x_dot, weight_dot, bias_dot = tangents
@@ -244,7 +216,7 @@ def tangent_map(
     # one broadcast in the transposed reduction sum(dy * (x - mean)) (each broadcast costs
     # XLA:CPU's reduction as much as a read), the rest folds into sum(dy).
     slope = invstd * coefficient
-    center = mean + 0 * invstd if backward_waits(layout, x.dtype) else mean
+    center = after(mean, invstd) if backward_waits(layout, x.dtype, config.strategy) else mean
     y_dot = y_dot + layout.unview(
         (layout.view(x, Site.TANGENT).astype(dtype) - layout.channel_view(center, Site.TANGENT))
         * layout.channel_view(slope, Site.TANGENT)
@@ -254,21 +226,19 @@ def tangent_map(
     return y_dot.astype(x.dtype), stats_dot
 
 
-_rematerialized = partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
-                          static_argnums=(0,))
-normalize_tangent = _rematerialized(tangent_map)
+normalize_tangent = jax.checkpoint(
+    tangent_map, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(0,)
+)
 """:func:`tangent_map`, rematerialized: the backward pass recomputes it from its inputs."""
-normalize_tangent_without_barrier = _rematerialized(tangent_map, prevent_cse=False)
-""":func:`normalize_tangent` without the CSE barrier (:func:`keeps_cse_barrier`)."""
 
 
 @normalize.defjvp
 def normalize_jvp(config: Normalization, primals: tuple, tangents: tuple) -> tuple:
-    """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`
-    (or, without the CSE barrier, :data:`normalize_tangent_without_barrier`)."""
+    """Primal outputs of :func:`normalize` and their tangents from :func:`normalize_tangent`."""
     x, mask, weight, *_ = primals
-    x_dot, _, weight_dot, bias_dot, _, _ = tangents
+    x_dot, _, weight_dot, bias_dot, *_ = tangents
     out, centering = normalize_forward(config, primals)
-    tangent = normalize_tangent if keeps_cse_barrier() else normalize_tangent_without_barrier
-    out_dot = tangent(config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot))
+    out_dot = normalize_tangent(
+        config, x, mask, centering, weight, Tangents(x_dot, weight_dot, bias_dot)
+    )
     return out, out_dot

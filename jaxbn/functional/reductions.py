@@ -10,17 +10,18 @@ mean: what torch's kernels compute (``var_sum``), what the unbiased running-vari
 Accuracy before speed, at two reads of the input:
 
 1. the mean is reduced from ``x - shift``, with a per-channel ``shift`` taken from the data (the
-   first valid element of each channel) -- or, on the CPU in training, the layer's running mean
-   where it lies as close (:func:`running_shifted`) -- so a large common offset (data with mean
-   1e4 and unit variance, say) never enters the float32 accumulator; the mean is kept as
+   first valid element of each channel) -- or, where the strategy says so, the layer's running
+   mean where it lies as close (:func:`running_shifted`) -- so a large common offset (data with
+   mean 1e4 and unit variance, say) never enters the float32 accumulator; the mean is kept as
    ``mean + mean_lo`` (a float32 value and the rounding residual) so normalizing
    ``(x - mean) - mean_lo`` loses no digits either;
 2. ``m2`` is reduced from the squared deviations from that mean (two-pass), never as
    ``E[x^2] - E[x]^2``. Half-precision inputs are accumulated in float32 (torch's ``opmath``).
 
 On XLA:CPU the two sums cannot share one read (it fuses no sibling reductions), so one-pass
-shifted sums would cost the same two reads and be less robust; see benchmarks/NOTES.md. On a
-CUDA GPU, :mod:`jaxbn.functional.gpu_moments` (opt-in) computes the same moments in one read.
+shifted sums would cost the same two reads and be less robust. On a CUDA GPU,
+:mod:`jaxbn.functional.gpu_moments` (opt-in, :class:`~jaxbn.functional.strategy.Strategy`)
+computes the same moments in one read.
 
 **Views.** Each reduction site reads the input through its own reshaped *view* (leading unit
 axes, then ``(N, M, C[, P])``: rows, the axes between rows and channels, channels, the axes
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import gpu_moments
+from .strategy import OneRead, Strategy, resolve_strategy
 
 
 class Site(enum.IntEnum):
@@ -90,23 +92,14 @@ class Moments(NamedTuple):
         return self.m2 / (self.count - 1)
 
 
-class RunningStats(NamedTuple):
-    """A layer's running statistics (torch's buffers): what eval normalizes with, and in training
-    the shift :func:`moments` may take instead of reading one from the batch."""
+class ShiftHint(NamedTuple):
+    """A layer's running statistics offered in training as the shift of the batch statistics
+    (:func:`running_shifted`): ``mean`` is the shift; ``var`` and ``batches``
+    (``num_batches_tracked``) say whether it can be trusted. Never what is normalized with."""
 
     mean: jax.Array
     var: jax.Array
-    batches: jax.Array  # num_batches_tracked
-
-
-def traces_for_cpu() -> bool:
-    """Whether the CPU is JAX's default backend now, at trace time: the programs traced are then
-    taken to be XLA:CPU's, whose choices (the running shift, the backward's wait, the CSE barrier)
-    differ from XLA:GPU's. ``lax.platform_dependent`` would decide by the lowering platform
-    instead, but its switch cost ~25 ms of tracing per norm (benchmarks/NOTES.md §12.3); a
-    program exported from a CPU host for a GPU gets the CPU's choices, which compute the same
-    values to rounding."""
-    return jax.default_backend() == "cpu"
+    batches: jax.Array
 
 
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -175,10 +168,9 @@ class Layout:
     def blocks(self) -> tuple[int, ...]:
         """``(N, [M,] C[, P])``: rows, axes between rows and channels, channels, axes after.
 
-        ``M`` and ``P`` are dropped when they are 1: a trailing unit axis after the channels makes
-        XLA:CPU's reduction about 6x slower, a unit axis between rows and channels made
-        BatchNorm1d's train step 2-5 % slower (benchmarks/NOTES.md §12), leading unit axes cost
-        nothing.
+        ``M`` and ``P`` are dropped when they are 1: XLA:CPU reduces far slower with a trailing
+        unit axis after the channels, and measurably slower with a unit axis between rows and
+        channels; leading unit axes cost nothing.
         """
         rows = self.shape[0] if self.feature_axis != 0 else 1
         after = math.prod(self.shape[self.feature_axis + 1 :])
@@ -215,7 +207,7 @@ class Layout:
 
         Broadcast from the ``(C,)`` vector itself (not a reshaped ``(1, .., C, ..)`` one), so that
         the transpose -- a reduction in the backward pass -- sums straight to ``(C,)``: XLA:CPU
-        reduces about 10x slower into a ``(1, .., C)`` result. Explicitly sharded inputs get the
+        reduces far slower into a ``(1, .., C)`` result. Explicitly sharded inputs get the
         reshaped vector instead, broadcast implicitly by the arithmetic it enters, which keeps
         the input's sharding (a full-size replicated broadcast would make the transpose gather
         the batch).
@@ -332,56 +324,79 @@ def finite_shift(shift: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), shift.dtype))
 
 
-def moments(x: jax.Array, sums: ChannelSums, running: RunningStats | None = None) -> Moments:
-    """Per-channel moments of the (global, unmasked part of the) batch.
+def moments(
+    x: jax.Array, sums: ChannelSums, strategy: Strategy, shift_hint: ShiftHint | None = None
+) -> Moments:
+    """Per-channel moments of the (global, unmasked part of the) batch, by the first of these
+    paths that ``strategy`` allows and that applies:
 
-    Two reads of ``x`` (:func:`two_pass`); on a CUDA GPU, with the opt-in kernel on where it
-    applies, one (:func:`one_read`), with the same accuracy and the same derivatives. On the CPU,
-    given the layer's ``running`` statistics, they are the shift where they can be trusted
-    (:func:`running_shifted`): the same two reads, one kernel fewer before the first.
+    1. the one-read kernel (:func:`one_read_mode`): one read of ``x``, on CUDA only unless
+       interpreted (elsewhere path 2 or 3);
+    2. the running mean as the shift (:func:`uses_shift_hint`, :func:`running_shifted`): two
+       reads, no read of a shift before the first;
+    3. the two-pass statistics about a data element (:func:`data_shifted`).
 
-    Returns ``Moments`` in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a
-    NaN mean; callers must not use it (torch leaves running statistics untouched then).
+    All three compute the same values to rounding and differentiate alike. Returns ``Moments``
+    in ``stats_dtype(x.dtype)`` with ``mean_lo`` set. An empty batch gives a NaN mean; callers
+    must not use it (torch leaves running statistics untouched then).
     """
-    dtype = stats_dtype(x.dtype)
-    count = sums.count(dtype)
-    lay = sums.layout
-    # The running shift is for XLA:CPU (traces_for_cpu): a traced count (mask, axis_name), an
-    # empty batch, explicit sharding, another default backend or the interpreted GPU kernel
-    # (which tests run everywhere) keep the data shift. lax.platform_dependent is only used where
-    # the opt-in GPU kernel must stay reachable from a CPU host (lowering for cuda).
-    if (running is None or not isinstance(count, int) or count == 0 or not lay.views
-            or not traces_for_cpu() or gpu_moments.interpret):
-        mean, m2, mean_lo = data_shifted(sums, count, x)
-    elif gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, False, False):
+    count = sums.count(stats_dtype(x.dtype))
+    hint = shift_hint if uses_shift_hint(sums, count, shift_hint, strategy) else None
+    mode = one_read_mode(sums, x.dtype, strategy)
+    if mode is OneRead.OFF:
+        mean, m2, mean_lo = two_reads(sums, count, x, hint)
+    elif mode is OneRead.INTERPRETED:
+        mean, m2, mean_lo = data_shifted(sums, count, x, partial(one_read, True))
+    else:  # the compiled kernel on CUDA, the two reads elsewhere
         mean, m2, mean_lo = lax.platform_dependent(
-            x, running, cpu=partial(running_shifted, sums, count),
-            default=lambda x, _: data_shifted(sums, count, x),
+            x, hint, default=partial(two_reads, sums, count),
+            cuda=lambda x, _: data_shifted(sums, count, x, partial(one_read, False)),
         )
-    else:
-        mean, m2, mean_lo = running_shifted(sums, count, x, running)
     return Moments(count=count, mean=mean, m2=m2, mean_lo=mean_lo)
 
 
+def two_reads(
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array, hint: ShiftHint | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(mean, m2, mean_lo)`` in XLA: shifted by the running mean (``hint`` given), else by a
+    data element."""
+    if hint is None:
+        return data_shifted(sums, count, x)
+    return running_shifted(sums, count, x, hint)
+
+
+def uses_shift_hint(
+    sums: ChannelSums, count: int | jax.Array, shift_hint: ShiftHint | None, strategy: Strategy
+) -> bool:
+    """Whether the running mean shifts the statistics: the strategy takes it, a layer offers it,
+    and the batch is static, non-empty and not explicitly sharded (a traced count -- a mask, an
+    ``axis_name`` -- or sharded rows keep the data shift)."""
+    return (strategy.running_mean_shift and shift_hint is not None and isinstance(count, int)
+            and count > 0 and sums.layout.views)
+
+
+def one_read_mode(sums: ChannelSums, dtype: jnp.dtype, strategy: Strategy) -> OneRead:
+    """How the one-read kernel computes these statistics: as ``strategy`` says where it applies
+    (:func:`jaxbn.functional.gpu_moments.applies`), else not at all."""
+    lay = sums.layout
+    mode = strategy.one_read
+    if mode is OneRead.OFF or not gpu_moments.applies(
+        lay.shape, lay.feature_axis, dtype, sums.mask is not None, lay.spec is not None,
+        interpret=mode is OneRead.INTERPRETED,
+    ):
+        return OneRead.OFF
+    return mode
+
+
 def data_shifted(
-    sums: ChannelSums, count: int | jax.Array, x: jax.Array
+    sums: ChannelSums, count: int | jax.Array, x: jax.Array,
+    offset_m2: Callable[..., tuple[jax.Array, jax.Array]] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(mean, m2, mean_lo)``, shifted by a value read from the batch
-    (:meth:`ChannelSums.shift`)."""
-    dtype = stats_dtype(x.dtype)
-    shift = sums.shift(x, dtype)
-    lay = sums.layout
-    if not gpu_moments.applies(lay.shape, lay.feature_axis, x.dtype, sums.mask is not None,
-                               lay.spec is not None):
-        offset, m2 = two_pass(sums, count, x, shift)
-    elif gpu_moments.interpret:
-        offset, m2 = one_read(sums, count, True, x, shift)
-    else:
-        offset, m2 = lax.platform_dependent(
-            x, shift,
-            cuda=partial(one_read, sums, count, False),
-            default=partial(two_pass, sums, count),
-        )
+    (:meth:`ChannelSums.shift`): ``offset_m2(sums, count, x, shift)`` gives ``(mean - shift,
+    m2)``, :func:`two_pass` unless the one-read kernel does."""
+    shift = sums.shift(x, stats_dtype(x.dtype))
+    offset, m2 = (offset_m2 or two_pass)(sums, count, x, shift)
     mean, mean_lo = shifted_mean(shift, offset)
     return mean, m2, mean_lo
 
@@ -392,41 +407,41 @@ running mean to serve as the shift with a data element's accuracy: an element of
 lies this near its mean with probability 0.99994."""
 
 
-def trusts_running_shift(running: RunningStats, offset: jax.Array) -> jax.Array:
+def trusts_running_shift(hint: ShiftHint, offset: jax.Array) -> jax.Array:
     """Whether the running mean shifted the batch as well as a data element would: the layer has
     seen a batch, and every channel's batch mean lies within :data:`RUNNING_SHIFT_TRUST` running
     standard deviations of it (``offset`` is batch mean minus running mean). A non-finite running
     statistic or offset anywhere says no."""
-    spread = RUNNING_SHIFT_TRUST * jnp.sqrt(running.var.astype(offset.dtype))
-    within = jnp.isfinite(running.mean) & jnp.isfinite(spread) & (jnp.abs(offset) <= spread)
-    return (running.batches > 0) & jnp.all(within)
+    spread = RUNNING_SHIFT_TRUST * jnp.sqrt(hint.var.astype(offset.dtype))
+    within = jnp.isfinite(hint.mean) & jnp.isfinite(spread) & (jnp.abs(offset) <= spread)
+    return (hint.batches > 0) & jnp.all(within)
 
 
 def running_shifted(
-    sums: ChannelSums, count: int, x: jax.Array, running: RunningStats
+    sums: ChannelSums, count: int, x: jax.Array, hint: ShiftHint
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(mean, m2, mean_lo)`` with the running mean as the shift: as accurate as a data element,
     without reading one first.
 
     :meth:`ChannelSums.shift` reads the batch before the first sum can start: one small kernel on
-    every norm's critical path, which costs XLA:CPU's train steps far more than its work
-    (benchmarks/NOTES.md §12). The running mean is known before the batch. It is trusted
+    every norm's critical path, which costs XLA:CPU's train steps far more than its work. The
+    running mean is known before the batch. It is trusted
     (:func:`trusts_running_shift`) when the layer has seen a batch and every channel's batch mean
     lies within :data:`RUNNING_SHIFT_TRUST` running standard deviations of it; then the float32
     sum of ``x - shift`` is as accurate as with a data element, and ``mean_lo`` is ``mean``'s
     rounding residual, as in :func:`two_pass`. Otherwise (a fresh layer, stale or non-finite
     statistics) a third read -- run only then (``lax.cond``), beside the second -- measures the
     exact residual ``mean(x - mean)``, whatever the shift's accumulation error was. For XLA:CPU
-    only (:func:`moments` decides): an XLA:GPU conditional reads its predicate on the host.
+    (:attr:`Strategy.running_mean_shift`): an XLA:GPU conditional reads its predicate on the host.
     """
-    shift = finite_shift(running.mean.astype(stats_dtype(x.dtype)))
+    shift = finite_shift(hint.mean.astype(stats_dtype(x.dtype)))
     offset = mean_offset(sums, count, x, shift)
     mean, rounding = shifted_mean(shift, offset)
 
     def residual(x: jax.Array, mean: jax.Array) -> jax.Array:
         return mean_offset(sums, count, x, mean, site=Site.RESIDUAL)
 
-    trusted = trusts_running_shift(running, offset)
+    trusted = trusts_running_shift(hint, offset)
     mean_lo = lax.cond(trusted, lambda x, mean: rounding, residual, x, mean)
     return mean, deviations_m2(sums, count, x, mean, mean_lo), mean_lo
 
@@ -435,7 +450,8 @@ def shifted_mean(shift: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Ar
     """``(mean, mean_lo)`` of ``shift + offset``: the float sum and what it rounded away.
 
     Exact: ``mean`` is the float rounding of ``shift + offset``, so ``(shift - mean) + offset``
-    loses nothing (a data element as the shift keeps it so; see benchmarks/NOTES.md §8.3).
+    loses nothing while the offset is small against the shift (a shift near the data keeps it
+    so).
     """
     mean = shift + offset
     return mean, (shift - mean) + offset
@@ -475,7 +491,7 @@ def two_pass(
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def one_read(
-    sums: ChannelSums, count: int | jax.Array, interpret: bool, x: jax.Array, shift: jax.Array
+    interpret: bool, sums: ChannelSums, count: int | jax.Array, x: jax.Array, shift: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`two_pass`'s ``(mean - shift, m2)`` from one read of ``x`` (the
     :mod:`~jaxbn.functional.gpu_moments` kernel; ``interpret`` runs it in Pallas' interpreter, on
@@ -497,9 +513,9 @@ def one_read(
 
 
 @one_read.defjvp
-def _one_read_jvp(sums: ChannelSums, count: int | jax.Array, interpret: bool, primals: tuple,
+def _one_read_jvp(interpret: bool, sums: ChannelSums, count: int | jax.Array, primals: tuple,
                   tangents: tuple) -> tuple:
-    return one_read(sums, count, interpret, *primals), jax.jvp(
+    return one_read(interpret, sums, count, *primals), jax.jvp(
         partial(two_pass, sums, count), primals, tangents
     )[1]
 
@@ -530,6 +546,7 @@ def batch_moments(
     mask: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    strategy: Strategy | None = None,
 ) -> Moments:
     """Per-channel moments of the (global, unmasked part of the) batch.
 
@@ -540,10 +557,12 @@ def batch_moments(
       axis_name: optional named axis (or tuple of names) to merge statistics across devices:
         the result equals the moments of the concatenated batch of every device.
       axis_index_groups: optional device groups for the merge (as in ``jax.lax.psum``).
+      strategy: how to compute them (:class:`~jaxbn.functional.strategy.Strategy`; ``None``:
+        the default for JAX's default backend). Only the one-read kernel applies here.
 
     Returns:
       ``Moments`` in ``stats_dtype(x.dtype)``; ``count`` is a Python int when neither a mask nor
       an axis name makes it data-dependent. An empty batch gives a NaN mean.
     """
     layout = Layout.of(x, feature_axis, axis_name, axis_index_groups)
-    return moments(x, ChannelSums(layout, mask))
+    return moments(x, ChannelSums(layout, mask), resolve_strategy(strategy))

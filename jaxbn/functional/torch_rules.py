@@ -3,8 +3,9 @@
 torch's ``_BatchNorm.forward`` and ``_InstanceNorm.forward`` share ``_NormBase`` (the same
 attributes and buffers) but decide differently *which statistics normalize the input*, *whether
 the buffers are written* and *with what weight*. Each family's decision is one function here,
-``(flags, has_buffers) -> Plan``; the pure functions, the Flax adapters, the CLI's behaviour
-table and the error messages all read the plan, none of them repeats a rule.
+``(flags, has_buffers) -> Plan``, and each family one :class:`Family` value (its plan, defaults,
+torch classes) that the pure functions, the Flax adapters, the porting tools and the torch
+oracle all take; none of them repeats a rule.
 
 BatchNorm (``torch.nn.BatchNorm{1,2,3}d``, ``SyncBatchNorm``)
   * input (batch) statistics when ``training``, or in eval when the layer has no buffers
@@ -27,7 +28,7 @@ InstanceNorm (``torch.nn.InstanceNorm{1,2,3}d``)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +56,17 @@ class Plan:
     momentum: float | None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Family:
-    """A torch norm family: its decision rule, and that rule in words (for error messages).
+    """A torch norm family, the one value every layer of jaxbn passes around for it: its
+    decision rule, that rule in words (for error messages), torch's defaults and classes, and
+    what its pure function refuses. The pure function itself is
+    :func:`jaxbn.functional.families.pure_function` (it is built on these rules).
 
     Attributes:
-      name: torch's class-name stem, ``"BatchNorm"`` or ``"InstanceNorm"``.
+      name: torch's class-name stem, ``"BatchNorm"`` or ``"InstanceNorm"``: torch's modules are
+        ``torch.nn.<name>{1,2,3}d``, jaxbn's ``jaxbn.linen.<name>`` and ``jaxbn.nnx.<name>``.
+      torch_base: the dotted path of the torch class every module of the family derives from.
       plan: ``(flags, has_buffers) -> Plan``.
       writes_when: when the buffers are written, in words.
       always_needs_mode: adapters must be told training vs eval even where the result does not
@@ -71,6 +77,7 @@ class Family:
     """
 
     name: str
+    torch_base: str
     plan: Callable[[BatchNormFlags, bool], Plan]
     writes_when: str
     always_needs_mode: bool
@@ -79,12 +86,35 @@ class Family:
     synchronizes: bool
     accepts_mask: bool
 
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
     def mode_matters(self, flags: BatchNormFlags, has_buffers: bool) -> bool:
         """Whether the call's outcome depends on ``flags.training`` (else either mode will do)."""
         if self.always_needs_mode:
             return True
         return (self.plan(flags.replace(training=True), has_buffers)
                 != self.plan(flags.replace(training=False), has_buffers))
+
+    def mask_argument(self, mask: Any) -> dict[str, Any]:
+        """The pure function's ``mask`` keyword (empty when ``None``); a ``TypeError`` for a
+        family whose statistics are not over rows of a batch."""
+        if mask is None:
+            return {}
+        if not self.accepts_mask:
+            raise TypeError(
+                f"{self.name} computes its statistics per instance and takes no row mask: "
+                "call it without mask="
+            )
+        return {"mask": mask}
+
+    def check_sync(self, axis_name: Any, axis_index_groups: Any) -> None:
+        """Refuse ``axis_name`` / ``axis_index_groups`` for a family that has nothing to sync."""
+        if not self.synchronizes and (axis_name is not None or axis_index_groups is not None):
+            raise TypeError(
+                f"{self.name} has no axis_name / axis_index_groups: its statistics are per "
+                "instance (torch has no synchronized variant); leave them unset"
+            )
 
 
 def batch_norm_plan(flags: BatchNormFlags, has_buffers: bool) -> Plan:
@@ -115,6 +145,7 @@ def instance_norm_plan(flags: BatchNormFlags, has_buffers: bool) -> Plan:
 
 BATCH_NORM = Family(
     name="BatchNorm",
+    torch_base="torch.nn.modules.batchnorm._BatchNorm",
     plan=batch_norm_plan,
     writes_when="it is training with track_running_stats=True",
     always_needs_mode=True,
@@ -126,6 +157,7 @@ BATCH_NORM = Family(
 
 INSTANCE_NORM = Family(
     name="InstanceNorm",
+    torch_base="torch.nn.modules.instancenorm._InstanceNorm",
     plan=instance_norm_plan,
     writes_when=(
         "it uses input statistics (training, or track_running_stats=False, even in eval) "

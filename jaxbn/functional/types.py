@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .strategy import Strategy
+
 
 class _Unset:
     """Marker for an optional override that was not given (``None`` is a valid momentum)."""
@@ -63,6 +65,9 @@ class BatchNormFlags:
         a non-finite batch mean or variance in any channel, the running statistics *and*
         ``num_batches_tracked`` stay as they were (torch poisons them with NaN for good); the
         output is still computed from the batch statistics. Default False: torch parity.
+      strategy: how to compute -- speed choices that change the program, not the values beyond
+        rounding (:class:`~jaxbn.functional.strategy.Strategy`). ``None`` (default): the
+        default for JAX's default backend at trace time (:func:`~jaxbn.default_strategy`).
     """
 
     training: bool = True
@@ -73,6 +78,7 @@ class BatchNormFlags:
     axis_name: Hashable | tuple[Hashable, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     skip_nonfinite_updates: bool = False
+    strategy: Strategy | None = None
 
     def __post_init__(self) -> None:
         for name in ("training", "track_running_stats", "skip_nonfinite_updates"):
@@ -101,6 +107,9 @@ class BatchNormFlags:
         if self.axis_index_groups is not None:
             groups = tuple(tuple(int(i) for i in group) for group in self.axis_index_groups)
             object.__setattr__(self, "axis_index_groups", groups)
+        if self.strategy is not None and not isinstance(self.strategy, Strategy):
+            raise TypeError("BatchNormFlags.strategy must be a jaxbn.Strategy or None, "
+                            f"got {type(self.strategy).__name__}")
 
     def replace(self, **changes) -> "BatchNormFlags":
         """A copy with some attributes changed, like assigning to the torch module's attributes."""

@@ -12,9 +12,13 @@ them, and :mod:`jaxbn.testing.audit` can compare them.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
-__all__ = ["NormSettings", "norm_settings", "settings_of"]
+from ..functional.families import FAMILIES
+from ..functional.torch_rules import Family
+
+__all__ = ["NormSettings", "family_of", "norm_settings", "settings_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +26,9 @@ class NormSettings:
     """One torch norm layer's core parameters (PyTorch: the module's attributes and buffers).
 
     Attributes:
-      family: ``"BatchNorm"`` (``BatchNorm{1,2,3}d``, ``SyncBatchNorm``, lazy ones) or
-        ``"InstanceNorm"``.
+      family: the torch family (:class:`jaxbn.functional.torch_rules.Family`): ``BATCH_NORM``
+        (``BatchNorm{1,2,3}d``, ``SyncBatchNorm``, lazy ones) or ``INSTANCE_NORM``;
+        ``family.name`` is the ``jaxbn.linen`` / ``jaxbn.nnx`` class.
       torch_type: the torch class name (``"BatchNorm2d"``).
       num_features: C (``None`` for a lazy module not yet run).
       eps, momentum: the current values (``momentum=None``: cumulative average).
@@ -33,7 +38,7 @@ class NormSettings:
       track_running_stats: the *current* attribute (may differ from ``has_buffers``).
     """
 
-    family: str
+    family: Family
     torch_type: str
     num_features: int | None
     eps: float
@@ -55,17 +60,23 @@ class NormSettings:
         return {}
 
 
+def torch_base_class(family: Family) -> type:
+    """The torch class every module of ``family`` derives from (``_BatchNorm``, ...)."""
+    module_name, _, class_name = family.torch_base.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def family_of(module: Any) -> Family | None:
+    """The norm family of one torch module, or ``None`` if it is not a norm layer jaxbn
+    reproduces (PyTorch: ``isinstance(module, _BatchNorm)`` / ``_InstanceNorm``)."""
+    return next((f for f in FAMILIES if isinstance(module, torch_base_class(f))), None)
+
+
 def settings_of(module: Any) -> NormSettings | None:
     """The :class:`NormSettings` of one torch module, or ``None`` if it is not a BatchNorm /
     InstanceNorm layer."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.modules.instancenorm import _InstanceNorm
-
-    if isinstance(module, _InstanceNorm):
-        family = "InstanceNorm"
-    elif isinstance(module, _BatchNorm):
-        family = "BatchNorm"
-    else:
+    family = family_of(module)
+    if family is None:
         return None
     num_features = module.num_features
     if not isinstance(num_features, int) or num_features == 0:

@@ -20,6 +20,7 @@ import jax
 
 from .. import porting
 from ..adapter_flags import pick
+from ..functional.torch_rules import BATCH_NORM, Family
 from ..porting.settings import NormSettings, norm_settings
 
 __all__ = ["flax_norm_settings", "norm_mismatches"]
@@ -33,7 +34,7 @@ def _from_module(module: nn.Module, call_kwargs: dict[str, Any]) -> NormSettings
 
     if isinstance(module, (linen.BatchNorm, linen.InstanceNorm)):
         return NormSettings(
-            family=module.family.name, torch_type=type(module).__name__,
+            family=module.family, torch_type=type(module).__name__,
             num_features=module.num_features,
             eps=pick(call_kwargs.get("eps", linen.UNSET), module.eps),
             momentum=pick(call_kwargs.get("momentum", linen.UNSET), module.momentum),
@@ -42,7 +43,7 @@ def _from_module(module: nn.Module, call_kwargs: dict[str, Any]) -> NormSettings
                                      module.track_running_stats))
     if isinstance(module, nn.BatchNorm):
         return NormSettings(
-            family="BatchNorm", torch_type="flax.linen.BatchNorm", num_features=None,
+            family=BATCH_NORM, torch_type="flax.linen.BatchNorm", num_features=None,
             eps=module.epsilon, momentum=1.0 - module.momentum,
             affine=module.use_scale and module.use_bias, has_buffers=True, track_running_stats=True)
     return None
@@ -66,6 +67,11 @@ def flax_norm_settings(flax_module: nn.Module, variables: Any, *inputs: Any, **a
 
     jax.eval_shape(run, variables, *inputs)
     return found
+
+
+def _shown(value: Any) -> str:
+    """A compared value as the report prints it: a family by its torch name."""
+    return repr(value.name if isinstance(value, Family) else value)
 
 
 def _differs(field: str, torch_value: Any, flax_value: Any) -> bool:
@@ -100,8 +106,9 @@ def norm_mismatches(torch_module: Any, flax_module: nn.Module, variables: Any, *
         if f is None:
             lines.append(f"{path} ({t.torch_type}): no norm layer at this path in the Flax module")
             continue
-        lines += [f"{path}: {field}: torch {getattr(t, field)!r}, Flax {getattr(f, field)!r}"
-                  + (f" ({f.torch_type})" if f.torch_type.startswith("flax") else "")
+        note = f" ({f.torch_type})" if f.torch_type.startswith("flax") else ""
+        lines += [f"{path}: {field}: torch {_shown(getattr(t, field))}, "
+                  f"Flax {_shown(getattr(f, field))}{note}"
                   for field in _COMPARED if _differs(field, getattr(t, field), getattr(f, field))]
     lines += [f"{key} ({f.torch_type}): a Flax norm layer with no torch norm at this path"
               for key, f in flax_norms.items() if key not in torch_norms]

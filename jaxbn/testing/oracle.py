@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..functional.torch_rules import BATCH_NORM, INSTANCE_NORM, Family
 from ..functional.types import BatchNormFlags, BatchNormParams, BatchNormState
 from ..porting.tensors import BFLOAT16, numpy_to_tensor, tensor_to_numpy
 
@@ -44,17 +45,19 @@ def build_module(
     params: BatchNormParams | None,
     flags: BatchNormFlags,
     dtype: "torch.dtype" = None,
-    family: str = "BatchNorm",
+    family: Family = BATCH_NORM,
 ) -> "torch.nn.Module":
     """``nn.BatchNorm{1,2,3}d`` for a rank-``ndim`` input, constructed like the jaxbn layer.
 
     ``affine = params is not None`` and ``track_running_stats = state is not None`` at
     construction; buffers/params are then loaded from ``state``/``params`` and ``flags`` applied.
-    ``family="InstanceNorm"`` builds ``nn.InstanceNorm{1,2,3}d`` for a *batched* input instead.
+    ``family=INSTANCE_NORM`` (:mod:`jaxbn.functional.torch_rules`) builds
+    ``nn.InstanceNorm{1,2,3}d`` for a *batched* input instead.
     """
-    if ndim not in _SUFFIXES or (family == "InstanceNorm" and ndim < 3):
-        raise ValueError(f"torch has {family} modules for batched inputs of rank 2/3 to 5, not {ndim}")
-    cls = getattr(torch.nn, family + _SUFFIXES[ndim])
+    if ndim not in _SUFFIXES or (family is INSTANCE_NORM and ndim < 3):
+        raise ValueError(
+            f"torch has {family.name} modules for batched inputs of rank 2/3 to 5, not {ndim}")
+    cls = getattr(torch.nn, family.name + _SUFFIXES[ndim])
     module = cls(
         num_features,
         eps=flags.eps,
@@ -174,12 +177,12 @@ def batch_norm(
     state: BatchNormState | None,
     params: BatchNormParams | None,
     flags: BatchNormFlags = BatchNormFlags(),
-    family: str = "BatchNorm",
+    family: Family = BATCH_NORM,
 ) -> tuple[np.ndarray, BatchNormState | None]:
     """What torch computes for ``jaxbn.batch_norm(x, state, params, flags)``: ``(y, new_state)``.
 
     Arrays are NumPy; ``x``'s dtype decides the module's dtype unless state/params are float32
-    with a half-precision input (torch's mixed precision). ``family="InstanceNorm"`` gives what
+    with a half-precision input (torch's mixed precision). ``family=INSTANCE_NORM`` gives what
     torch computes for ``jaxbn.instance_norm`` (see :func:`instance_norm`).
     """
     x = np.asarray(x)
@@ -201,4 +204,4 @@ def instance_norm(
     flags: BatchNormFlags,
 ) -> tuple[np.ndarray, BatchNormState | None]:
     """What torch's ``nn.InstanceNorm{1,2,3}d`` computes for ``jaxbn.instance_norm(...)``."""
-    return batch_norm(x, state, params, flags, family="InstanceNorm")
+    return batch_norm(x, state, params, flags, family=INSTANCE_NORM)
