@@ -12,7 +12,7 @@ The public API:
 * :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
   sharing batch norm's state, params and core.
 * :func:`from_torch` -- a torch model as a trainable Flax model and its variables, in one call
-  (``jaxbn.porting.translate``).
+  (``jaxbn.translate``).
 * ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),
   ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack`` reading and
   writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
@@ -34,7 +34,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f".{name}", __name__)
     if name == "from_torch":  # torch -> Flax in one call (imports torch only when called)
-        from .porting.translate import from_torch
+        from .translate import from_torch
 
         return from_torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

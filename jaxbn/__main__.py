@@ -5,7 +5,8 @@ running jaxbn on a built-in example, with an "agrees with torch" column when tor
 the exit code is 1 if any row disagrees with torch.
 
 ``convert IN OUT`` ports a checkpoint between torch and Flax (see :mod:`jaxbn.porting.cli` and
-docs/porting.md).
+docs/porting.md); ``port MODULE:CALLABLE`` writes a torch model as Flax source
+(:mod:`jaxbn.translate.cli`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .porting import cli as convert_cli
 
     convert_cli.add_parser(sub)
-    from .porting import port_cli
+    from .translate import cli as port_cli
 
     port_cli.add_parser(sub)
     return parser

@@ -1,12 +1,11 @@
-"""Safe checkpoint reading and writing: the stable public name of :mod:`jaxbn.porting.formats`.
+"""Safe checkpoint reading and writing: the stable public name of :mod:`jaxbn.porting.formats`'s
+public API.
 
-``import jaxbn.checkpoint_io`` gives that very module (one module, two names), so everything
-documented there -- :func:`read_checkpoint`, :func:`write_checkpoint`, :class:`CheckpointError`,
-... -- is here too.
+Everything documented there -- :func:`read_checkpoint`, :func:`write_checkpoint`,
+:class:`CheckpointError`, the format registry -- is re-exported here (``formats.__all__``).
 """
 
-import sys
-
 from .porting import formats
+from .porting.formats import *  # noqa: F403 -- the public API of the format registry
 
-sys.modules[__name__] = formats
+__all__ = list(formats.__all__)

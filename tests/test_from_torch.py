@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import jaxbn
-from jaxbn import porting
+from jaxbn import porting, translate
 from jaxbn.porting import UnsupportedError
 from jaxbn.testing import audit, check_equivalence
 
@@ -282,12 +282,12 @@ def test_core_parameters_are_carried_layer_by_layer(core_net):
     assert settings["bn_cumulative"].momentum is None and settings["bn_eps"].eps == 1e-2
     assert settings["bn_flipped"].has_buffers and not settings["bn_flipped"].track_running_stats
     assert not settings["bn_unflipped"].has_buffers and settings["bn_unflipped"].track_running_stats
-    assert settings["sync"].torch_type == "SyncBatchNorm" and settings["inorm"].family == "InstanceNorm"
+    assert settings["sync"].torch_type == "SyncBatchNorm" and settings["inorm"].family.name == "InstanceNorm"
 
 
 def _layers(block, prefix=()):
     for name, child in block.children:
-        if isinstance(child, porting.translate.Block):
+        if isinstance(child, translate.Block):
             yield from _layers(child, prefix + (name,))
         else:
             yield prefix + (name,), child
@@ -533,7 +533,7 @@ def test_audit_names_every_core_parameter_mismatch_before_any_numbers():
         @nn.compact
         def __call__(self, x, train=False):
             x = jl.BatchNorm(axis=1, name="bn", param_dtype=jnp.float64)(
-                porting.torch_nn.Conv(3, 4, (3, 3), padding=1, name="conv", param_dtype=jnp.float64)(x), train=train)
+                translate.layers.Conv(3, 4, (3, 3), padding=1, name="conv", param_dtype=jnp.float64)(x), train=train)
             x = nn.Dense(3, name="head_0", param_dtype=jnp.float64)(x.mean((2, 3)))
             if self.flax_head:
                 return nn.BatchNorm(momentum=0.9, name="head_1", param_dtype=jnp.float64)(x, use_running_average=not train)

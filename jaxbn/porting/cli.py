@@ -25,12 +25,15 @@ import argparse
 import os
 import re
 import sys
+from typing import Literal
 
-from . import formats as checkpoint_io
-from . import mapping as porting
-from . import paths
+import numpy as np
 
-_TORCH_ONLY_FORMATS = ("torch",)
+from . import formats, paths
+from .directions import flax_to_torch, torch_to_flax
+from .errors import CheckpointError
+from .report import PortingError, PortReport
+from .targets import structural_flax_target, structural_torch_target
 
 
 def _plain(doc: str) -> str:
@@ -52,7 +55,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--like", metavar="REF", help="target file in OUT's framework giving names/shapes/dtypes")
     p.add_argument("--key", help="entry of IN holding the state_dict (e.g. state_dict, model)")
     p.add_argument("--cast", action="store_true", help="allow float dtype conversion (with --like)")
-    p.add_argument("--max-bytes", type=int, default=checkpoint_io.DEFAULT_MAX_BYTES, metavar="N",
+    p.add_argument("--max-bytes", type=int, default=formats.DEFAULT_MAX_BYTES, metavar="N",
                    help="refuse an .npz holding more than N bytes decompressed (default: 16 GiB)")
     p.add_argument("--quiet", action="store_true", help="print only problems and the summary")
     p.set_defaults(func=run)
@@ -60,27 +63,21 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert ``args.input`` to ``args.output``; the exit status described in the module doc."""
+    """Convert ``args.input`` to ``args.output``; the exit status described in the module doc.
+
+    One walk: check OUT, read IN (and REF), convert, write OUT.
+    """
     try:
-        _check_output(args)
-        flat = checkpoint_io.read_checkpoint(args.input, key=args.key, max_bytes=args.max_bytes)
-        like = checkpoint_io.read_checkpoint(args.like, max_bytes=args.max_bytes) if args.like else None
-        if args.to_torch:
-            variables = _nest(flat, args.input)
-            target = like if like is not None else porting.structural_torch_target(variables)
-            out, report = porting.flax_to_torch(variables, target, cast=args.cast)
-            checkpoint_io.write_checkpoint(out, args.output)
-        else:
-            if flat and all(paths.SEP in k for k in flat):
-                raise checkpoint_io.CheckpointError(
-                    f"{args.input!r} holds Flax variables (names with '/'); pass --to-torch to convert them to torch")
-            target = _nest(like, args.like) if like is not None else porting.structural_flax_target(flat)
-            variables, report = porting.torch_to_flax(flat, target, cast=args.cast, as_jax=False)
-            porting.save_variables(variables, args.output)
-    except checkpoint_io.CheckpointError as e:
+        out = _checked_output(args)
+        flat = formats.read_checkpoint(args.input, key=args.key, max_bytes=args.max_bytes)
+        like = formats.read_checkpoint(args.like, max_bytes=args.max_bytes) if args.like else None
+        convert = _flax_to_torch if args.to_torch else _torch_to_flax
+        converted, report = convert(flat, like, args)
+        out.write(converted)
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except porting.PortingError as e:
+    except PortingError as e:
         print(f"error: {e}\nnothing was written.", file=sys.stderr)
         return 1
     except OSError as e:
@@ -93,21 +90,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(args: argparse.Namespace) -> None:
-    """Refuse an output that would destroy the input or hold the wrong framework's names."""
-    fmt = checkpoint_io.format_for_path(args.output)
-    checkpoint_io.check_writable(args.output)
-    if args.to_torch and fmt == "msgpack":
-        raise checkpoint_io.CheckpointError("--to-torch writes a torch state_dict: use .pt, .pth, .safetensors or .npz")
-    if not args.to_torch and fmt in _TORCH_ONLY_FORMATS:
-        raise checkpoint_io.CheckpointError(
-            f"{args.output!r}: Flax variables are not written as a torch file (.pt/.pth/.bin); use "
-            ".msgpack, .safetensors or .npz, or pass --to-torch to convert Flax variables to torch")
+def _checked_output(args: argparse.Namespace) -> formats.Destination:
+    """OUT, refused if it cannot be written, would destroy an input or holds the wrong framework's names."""
+    out = formats.destination(args.output)
+    if args.to_torch and not out.format.holds("torch"):
+        raise CheckpointError(f"--to-torch writes a torch state_dict: use {_extensions_holding('torch')}")
+    if not args.to_torch and not out.format.holds("flax"):
+        raise CheckpointError(
+            f"{args.output!r}: Flax variables are not written as a {out.format.name} file "
+            f"({'/'.join(out.format.extensions)}); use {_extensions_holding('flax')}, or pass "
+            "--to-torch to convert Flax variables to torch")
     for other in filter(None, (args.input, args.like)):
         if _same_file(other, args.output):
-            raise checkpoint_io.CheckpointError(
+            raise CheckpointError(
                 f"{args.output!r} is the same file as {other!r}: refusing to overwrite an input; "
                 "choose another output")
+    return out
+
+
+def _extensions_holding(framework: Literal["torch", "flax"]) -> str:
+    """``'.pt, .pth, .bin, .safetensors or .npz'``: the extensions of the formats holding its names."""
+    extensions = [e for fmt in formats.REGISTRY if fmt.holds(framework) for e in fmt.extensions]
+    return ", ".join(extensions[:-1]) + " or " + extensions[-1]
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -117,10 +121,27 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _torch_to_flax(flat: dict, like: dict | None, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], PortReport]:
+    """A torch ``state_dict`` as Flax variables named ``params/conv/kernel`` (into REF's if given)."""
+    if flat and all(paths.SEP in k for k in flat):
+        raise CheckpointError(
+            f"{args.input!r} holds Flax variables (names with '/'); pass --to-torch to convert them to torch")
+    target = _nest(like, args.like) if like is not None else structural_flax_target(flat)
+    variables, report = torch_to_flax(flat, target, cast=args.cast, as_jax=False)
+    return paths.names_from_tree(variables), report
+
+
+def _flax_to_torch(flat: dict, like: dict | None, args: argparse.Namespace) -> tuple[dict[str, np.ndarray], PortReport]:
+    """Flax variables as a torch ``state_dict`` (REF's keys if given, else the structural ones)."""
+    variables = _nest(flat, args.input)
+    target = like if like is not None else structural_torch_target(variables)
+    return flax_to_torch(variables, target, cast=args.cast)
+
+
 def _nest(flat: dict, path: str) -> dict:
     """Flax variables from a flat file (names joined with '/')."""
     if not all(paths.SEP in k for k in flat):
-        raise checkpoint_io.CheckpointError(
+        raise CheckpointError(
             f"{path!r} does not hold Flax variables (names like params/conv1/kernel); it looks "
             "like a torch state_dict")
     return paths.tree_from_names(flat)

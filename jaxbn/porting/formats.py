@@ -13,8 +13,8 @@ Formats, detected from the file's first bytes (the extension is only a tie-break
 * ``.msgpack`` -- Flax's ``flax.serialization`` msgpack (no pickle, no torch); nested
   dictionaries are flattened with ``/`` (:mod:`.paths`).
 
-Each format is one :class:`Format` record in :data:`REGISTRY` (name, extensions, content sniff,
-reader, writer). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (the type JAX uses),
+Each format is one :class:`Format` record in :data:`REGISTRY` (name, extensions, whose names it
+holds, content sniff, reader, writer). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (the type JAX uses),
 bit-exact; float8, quantized and sparse tensors are refused with :class:`CheckpointError` naming
 the tensor and its dtype.
 
@@ -39,7 +39,7 @@ import struct
 import threading
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -59,8 +59,10 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "FORMATS",
     "REGISTRY",
+    "Destination",
     "Format",
     "check_writable",
+    "destination",
     "detect_format",
     "format_for_path",
     "read_checkpoint",
@@ -71,6 +73,7 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 16 * 2**30
 _SAFETENSORS_MAX_HEADER = 100_000_000
+NameKind = Literal["torch", "flax", "either"]
 _SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32",
                        "U16", "U8", "BOOL"}
 
@@ -88,19 +91,25 @@ class Head:
 class Format:
     """One checkpoint format: everything needed to recognise, read and write it.
 
-    ``read(path, max_bytes)`` returns the (possibly nested) mapping stored; ``write(arrays, path)``
-    writes a flat ``{name: numpy array}`` to ``path``; ``check(arrays)`` raises
-    :class:`CheckpointError` for what the format cannot hold, before anything is written; ``sep``
-    joins nested names when reading.
+    ``names`` says whose names it holds: ``"torch"`` (a ``state_dict``), ``"flax"`` (nested
+    variables) or ``"either"`` (flat names of any kind). ``read(path, max_bytes)`` returns the
+    (possibly nested) mapping stored; ``write(arrays, path)`` writes a flat ``{name: numpy array}``
+    to ``path``; ``check(arrays)`` raises :class:`CheckpointError` for what the format cannot hold,
+    before anything is written; ``sep`` joins nested names when reading.
     """
 
     name: str
     extensions: tuple[str, ...]
+    names: NameKind
     sniff: Callable[[Head], bool]
     read: Callable[[str, int], Any]
     write: Callable[[dict[str, np.ndarray], str], None]
     check: Callable[[dict[str, np.ndarray]], Any] = lambda arrays: None
     sep: str = "."
+
+    def holds(self, framework: Literal["torch", "flax"]) -> bool:
+        """Whether this format holds ``framework``'s names (a torch ``state_dict`` or Flax variables)."""
+        return self.names in (framework, "either")
 
 
 # ---------------------------------------------------------------- torch
@@ -284,10 +293,11 @@ def _write_msgpack(arrays: dict[str, np.ndarray], path: str) -> None:
 # ---------------------------------------------------------------- registry
 
 REGISTRY: tuple[Format, ...] = (  # sniffed in this order
-    Format("torch", (".pt", ".pth", ".bin"), _sniff_torch, _read_torch, _write_torch),
-    Format("safetensors", (".safetensors",), _sniff_safetensors, _read_safetensors, _write_safetensors),
-    Format("npz", (".npz",), _sniff_npz, _read_npz, _write_npz, check=_check_npz),
-    Format("msgpack", (".msgpack",), _sniff_msgpack, _read_msgpack, _write_msgpack,
+    Format("torch", (".pt", ".pth", ".bin"), "torch", _sniff_torch, _read_torch, _write_torch),
+    Format("safetensors", (".safetensors",), "either", _sniff_safetensors, _read_safetensors,
+           _write_safetensors),
+    Format("npz", (".npz",), "either", _sniff_npz, _read_npz, _write_npz, check=_check_npz),
+    Format("msgpack", (".msgpack",), "flax", _sniff_msgpack, _read_msgpack, _write_msgpack,
            check=paths.tree_from_names, sep=paths.SEP),  # colliding names are refused
 )
 FORMATS = tuple(f.name for f in REGISTRY)
@@ -433,19 +443,43 @@ def write_checkpoint(
     interrupted writes.
 
     Raises:
-      CheckpointError: unknown format, data the format cannot hold, an output directory that
-        does not exist, an output that is a directory, or a write that fails.
+      CheckpointError: unknown format, an output directory that does not exist, an output that
+        is a directory, data the format cannot hold, or a write that fails.
+    """
+    destination(path, format).write(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """A checked place to write a checkpoint: the file it replaces and the format it gets."""
+
+    target: str  # the file replaced (a symbolic link resolved: it is written through)
+    format: Format
+
+    def write(self, flat: Mapping[str, Any]) -> None:
+        """Write a flat ``{name: array}`` here, atomically (see :func:`write_checkpoint`)."""
+        arrays = {}
+        for k, v in flat.items():
+            try:
+                arrays[k] = as_numpy(v)
+            except UnsupportedTensorError as e:
+                raise CheckpointError(f"cannot write tensor {k!r}: {e}") from e
+        self.format.check(arrays)
+        _atomic_write(self.target, lambda tmp: self.format.write(arrays, tmp))
+
+
+def destination(path: str | os.PathLike, format: str | None = None) -> Destination:
+    """Where and how :func:`write_checkpoint` writes ``path``, checked before any work is done.
+
+    ``format`` defaults to the extension's (:func:`format_for_path`).
+
+    Raises:
+      CheckpointError: unknown format, an output directory that does not exist, or an output
+        that is a directory.
     """
     path = os.fspath(path)
     fmt = _format(format_for_path(path) if format is None else format)
-    arrays = {}
-    for k, v in flat.items():
-        try:
-            arrays[k] = as_numpy(v)
-        except UnsupportedTensorError as e:
-            raise CheckpointError(f"cannot write tensor {k!r}: {e}") from e
-    fmt.check(arrays)
-    _atomic_write(check_writable(path), lambda tmp: fmt.write(arrays, tmp))
+    return Destination(check_writable(path), fmt)
 
 
 def check_writable(path: str | os.PathLike) -> str:

@@ -29,6 +29,15 @@ def path_name(path: Iterable[Any]) -> str:
     return SEP.join(parts)
 
 
+def display_name(path: Iterable[Any]) -> str:
+    """A path as its flat name for messages, or its ``repr`` where :func:`path_name` would refuse
+    it (a message only reports, it never refuses)."""
+    try:
+        return path_name(path)
+    except CheckpointError:
+        return repr(path)
+
+
 def path_from_name(name: str) -> tuple[str, ...]:
     """``'params/layer1_0/weight'`` -> ``('params', 'layer1_0', 'weight')``; empty segments refused."""
     parts = tuple(name.split(SEP))

@@ -3,8 +3,8 @@
 The layers :func:`jaxbn.from_torch` builds and the files ``python -m jaxbn port`` emits use:
 same constructor arguments as torch, inputs with channels on axis 1 (NCHW), torch's
 ``state_dict`` leaves under :mod:`jaxbn.porting`'s names (``kernel`` in Flax layout, ``bias``).
-Norm layers are :mod:`jaxbn.linen`'s. Modules that need the mode take ``train``; dropout-like
-ones draw from the ``'dropout'`` rng when training.
+Norm layers are :mod:`jaxbn.linen`'s (:func:`layer_class` finds either). Modules that need the
+mode take ``train``; dropout-like ones draw from the ``'dropout'`` rng when training.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from . import torch_ops as F
+from .ir import Layer
 
 __all__ = [
     "AdaptiveAvgPool", "AdaptiveMaxPool", "AvgPool", "Conv", "Dropout", "Flatten", "GELU",
     "Hardsigmoid", "Hardswish", "Identity", "LeakyReLU", "Linear", "MaxPool", "ReLU", "ReLU6",
-    "SiLU", "Sigmoid", "Softmax", "StochasticDepth", "Tanh",
+    "SiLU", "Sigmoid", "Softmax", "StochasticDepth", "Tanh", "build_layer", "layer_class",
 ]
 
 
@@ -246,3 +247,17 @@ class StochasticDepth(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "row" else (1,) * x.ndim
         noise = jax.random.bernoulli(self.make_rng("dropout"), survival, shape).astype(x.dtype)
         return x * (noise / survival if survival > 0.0 else noise)
+
+
+def layer_class(layer: Layer) -> type[nn.Module]:
+    """The linen class a :class:`~.ir.Layer` names: a :mod:`jaxbn.linen` norm, or one of these."""
+    if layer.is_norm:
+        from .. import linen
+
+        return getattr(linen, layer.cls)
+    return globals()[layer.cls]
+
+
+def build_layer(layer: Layer) -> nn.Module:
+    """The linen module a :class:`~.ir.Layer` describes (unbound, unnamed)."""
+    return layer_class(layer)(**dict(layer.kwargs))

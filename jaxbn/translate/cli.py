@@ -17,6 +17,8 @@ import importlib
 import os
 import sys
 
+from ..porting.errors import CheckpointError, UnsupportedError
+
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Register the ``port`` subcommand."""
@@ -57,9 +59,9 @@ def load_checkpoint(model, flat: dict) -> None:
     built without running statistics whose ``track_running_stats`` was set later)."""
     import collections
 
-    from . import formats
+    from ..porting.tensors import numpy_to_tensor
 
-    state = collections.OrderedDict((k, formats.numpy_to_tensor(v)) for k, v in flat.items())
+    state = collections.OrderedDict((k, numpy_to_tensor(v)) for k, v in flat.items())
     state._metadata = getattr(model.state_dict(), "_metadata", None)
     model.load_state_dict(state, strict=True)
 
@@ -68,31 +70,32 @@ def run(args: argparse.Namespace) -> int:
     """Port ``args.model``; the exit status described in the module doc."""
     import torch
 
-    from . import emit, formats, mapping, translate
+    from .. import checkpoint_io, porting
+    from .emit import emit_source
+    from .port import from_torch
 
     try:
         model = build_model(args.model)
         if args.checkpoint:
-            load_checkpoint(model, formats.read_checkpoint(args.checkpoint, key=args.key))
+            load_checkpoint(model, checkpoint_io.read_checkpoint(args.checkpoint, key=args.key))
         shape = tuple(int(s) for s in args.input_shape.split(","))
         dtype = getattr(torch, args.dtype) if args.dtype else next(
             (p.dtype for p in model.parameters()), torch.float32)
-        ported = translate.from_torch(model, torch.zeros(shape, dtype=dtype),
-                                      channels_last=args.channels_last)
-        source = emit.emit_source(ported.module.block, channels_last=args.channels_last)
-    except (formats.CheckpointError, ImportError, AttributeError, ValueError) as e:
-        if isinstance(e, mapping.PortingError):
+        ported = from_torch(model, torch.zeros(shape, dtype=dtype), channels_last=args.channels_last)
+        source = emit_source(ported.module.block, channels_last=args.channels_last)
+    except (CheckpointError, ImportError, AttributeError, ValueError) as e:
+        if isinstance(e, porting.PortingError):
             print(f"error: {e}\nnothing was written.", file=sys.stderr)
             return 1
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (translate.UnsupportedError, RuntimeError) as e:
+    except (UnsupportedError, RuntimeError) as e:
         print(f"error: {e}\nnothing was written.", file=sys.stderr)
         return 1
     with open(args.emit, "w", encoding="utf-8") as f:
         f.write(source)
     print(f"wrote Model ({ported.module.block.torch_type}) to {args.emit}")
     if args.out:
-        mapping.save_variables(ported.variables, args.out)
+        porting.save_variables(ported.variables, args.out)
         print(f"wrote its variables to {args.out}")
     return 0

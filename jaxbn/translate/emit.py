@@ -1,25 +1,28 @@
-"""A captured torch module (:class:`~.translate.Block`) as readable Flax source code.
+"""A captured torch module (:class:`~.ir.Block`) as readable Flax source code: :func:`emit_source`.
 
 The file defines ``Model``, a ``flax.linen.Module`` with ``__call__(self, x, train=False)``,
 that imports no torch: one Flax class per distinct torch module class (``BasicBlock``,
 ``Bottleneck``, ...), its submodules as fields under torch's attribute names, its forward
-spelled out with :mod:`jaxbn.porting.torch_ops` (``F``) and every BatchNorm's core parameters
-written in its constructor. ``Model`` builds the same variables as ``from_torch``'s module.
+spelled out with :mod:`jaxbn.translate.torch_ops` (``F``) -- each function call written by its
+entry of the op table (:data:`.ops.OPS`), the one :class:`~.module.TracedModule` runs -- and
+every BatchNorm's core parameters written in its constructor. ``Model`` builds the same
+variables as ``from_torch``'s module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 from typing import Any
 
 import numpy as np
 
-from .translate import NO_DEFAULT, Block, Layer, Op, Ref, Slice, build_layer
+from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, call_kwargs
+from .layers import layer_class
+from .ops import OPS, arguments_source
 
 __all__ = ["emit_source"]
 
-_INFIX = {"operator.add": "{} + {}", "operator.sub": "{} - {}", "operator.mul": "{} * {}",
-          "operator.truediv": "{} / {}", "operator.floordiv": "{} // {}", "operator.eq": "{} == {}"}
 _NAMES_IN_USE = {"self", "train", "F", "nn", "jnp", "jax"}
 
 
@@ -47,59 +50,24 @@ def _var(name: str) -> str:
     return f"{name}_" if name in _NAMES_IN_USE or keyword.iskeyword(name) else name
 
 
-def _index(value: Any) -> str:
-    """An index as source: ``x[:, 0]``."""
-    if isinstance(value, Slice):
-        parts = ["" if v is None else _value(v) for v in (value.start, value.stop, value.step)]
-        return ":".join(parts[:2]) + (f":{parts[2]}" if parts[2] else "")
-    if value is Ellipsis:
-        return "..."
-    if isinstance(value, tuple):
-        return ", ".join(_index(v) for v in value) if value else "()"
-    return _value(value)
-
-
-def _call_args(op: Op, extra: tuple[tuple[str, Any], ...] = ()) -> str:
-    parts = [_value(a) for a in op.args] + [f"{k}={_value(v)}" for k, v in op.kwargs + extra]
-    return ", ".join(parts)
-
-
 def _attribute(name: str) -> str:
     return f"self.{name}" if name.isidentifier() and not keyword.iskeyword(name) else f"getattr(self, {name!r})"
 
 
 def _statement(op: Op, children: dict[str, Any]) -> str:
-    out = _var(op.out)
+    """``out = ...``: a child module's call, or the op table's way of writing the function."""
     if op.kind == "module":
-        child = children[op.target]
-        extra: tuple = ()
-        if isinstance(child, Block) or child.takes_train:
-            extra = (("train", _Code("train")),)
-        if isinstance(child, Layer):
-            extra += child.call_kwargs
-        return f"{out} = {_attribute(op.target)}({_call_args(op, extra)})"
-    if op.target in _INFIX:
-        return f"{out} = " + _INFIX[op.target].format(*(_value(a) for a in op.args))
-    if op.target == "operator.neg":
-        return f"{out} = -{_value(op.args[0])}"
-    if op.target == "operator.getitem":
-        return f"{out} = {_value(op.args[0])}[{_index(op.args[1])}]"
-    if op.target == "getattr":
-        return f"{out} = {_value(op.args[0])}.{op.args[1]}"
-    if op.target == "identity":
-        return f"{out} = {_value(op.args[0])}"
-    return f"{out} = F.{op.target}({_call_args(op)})"
+        kwargs = op.kwargs + call_kwargs(children[op.target], _Code("train"))
+        return f"{_var(op.out)} = {_attribute(op.target)}({arguments_source(op.args, kwargs, _value)})"
+    return f"{_var(op.out)} = {OPS[op.target].write(op.args, op.kwargs, _value)}"
 
 
 def _layer_expression(layer: Layer) -> str:
     """``Conv(in_channels=3, ...)``: arguments at their default are left out, except a norm's
     core parameters (always spelled out)."""
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(build_layer(layer))}
-    norm = layer.cls in ("BatchNorm", "InstanceNorm")
+    defaults = {f.name: f.default for f in dataclasses.fields(layer_class(layer))}
     args = ", ".join(f"{k}={_value(v)}" for k, v in layer.kwargs
-                     if norm or not _same(defaults.get(k, dataclasses.MISSING), v))
+                     if layer.is_norm or not _same(defaults.get(k, dataclasses.MISSING), v))
     return f"{layer.cls}({args})"
 
 
@@ -113,7 +81,7 @@ class _Emitter:
     def __init__(self) -> None:
         self.classes: dict[tuple[str, str], str] = {}  # (torch type, body) -> class name
         self.order: list[tuple[str, str]] = []  # (name, source)
-        self.layer_classes: set[str] = set()
+        self.imports: set[tuple[str, str]] = set()  # (module, class) of the layers
 
     def class_for(self, block: Block, root: bool) -> str:
         """The name of the class for ``block`` (emitting it if new)."""
@@ -121,7 +89,8 @@ class _Emitter:
             if isinstance(child, Block):
                 self.class_for(child, root=False)
             else:
-                self.layer_classes.add(child.cls)
+                cls = layer_class(child)
+                self.imports.add((cls.__module__, cls.__name__))
         body = self._body(block, root)
         if root:
             self.order.append(("Model", self._source("Model", block, body)))
@@ -193,8 +162,6 @@ def emit_source(block: Block, *, channels_last: bool = False) -> str:
     """
     emitter = _Emitter()
     emitter.class_for(block, root=True)
-    norms = sorted(emitter.layer_classes & {"BatchNorm", "InstanceNorm"})
-    layers = sorted(emitter.layer_classes - {"BatchNorm", "InstanceNorm"})
     header = [
         f'"""Flax port of {block.torch_type}, written by `python -m jaxbn port`.',
         "",
@@ -207,14 +174,18 @@ def emit_source(block: Block, *, channels_last: bool = False) -> str:
         "import jax",
         "import jax.numpy as jnp",
         "",
+        *_import_lines(emitter.imports),
     ]
-    if norms:
-        header.append(f"from jaxbn.linen import {', '.join(norms)}")
-    header.append("from jaxbn.porting import torch_ops as F")
-    if layers:
-        header.append(f"from jaxbn.porting.torch_nn import {', '.join(layers)}")
     sources = [src for _, src in emitter.order]
     model = sources.pop()  # the root is emitted last
     if channels_last:
         model = model.replace("    channels_last: bool = False", "    channels_last: bool = True", 1)
     return "\n".join(header) + "\n\n\n" + "\n\n".join(sources + [model])
+
+
+def _import_lines(layers: set[tuple[str, str]]) -> list[str]:
+    """``from jaxbn.linen import BatchNorm`` ...: each layer from its module, and the functions as
+    ``F``."""
+    modules = sorted({module for module, _ in layers})
+    lines = [f"from {m} import {', '.join(sorted(c for n, c in layers if n == m))}" for m in modules]
+    return sorted(lines + ["from jaxbn.translate import torch_ops as F"])

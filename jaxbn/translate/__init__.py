@@ -1,0 +1,28 @@
+"""torch model -> Flax: :func:`from_torch` (a trainable linen module) and ``python -m jaxbn port``
+(readable Flax source).
+
+Translation happens once, in two steps, through a small hashable IR (:mod:`.ir`):
+
+1. **Capture** (:mod:`.tracing`, needs torch): ``torch.fx`` traces each torch module that owns
+   named children into a :class:`Block` of operations and children (:class:`Layer` values, or
+   further blocks).
+2. **Realization** (no torch): :class:`TracedModule` (:mod:`.module`) runs a block as a linen
+   module and :func:`emit_source` (:mod:`.emit`) writes it as Python source. Both take each
+   function from one op table (:mod:`.ops`: how it runs, how it is written) and each layer from
+   :mod:`.layers` (torch's ``nn`` layers in linen) or :mod:`jaxbn.linen` (the norms); the
+   functions themselves are :mod:`.torch_ops`. Both build the same variables.
+
+:mod:`.port` is the one call; :mod:`.cli` the ``port`` command. Anything not translated raises
+:class:`UnsupportedError` (also ``jaxbn.porting.UnsupportedError``) at capture time. Depends on
+:mod:`jaxbn.porting` (variable names, checkpoint files), never the other way round.
+"""
+
+from ..porting.errors import UnsupportedError
+from .tracing import capture, capture_mode_independent
+from .emit import emit_source
+from .ir import Block, Layer, Op, Ref, Slice
+from .module import TracedModule
+from .port import Ported, from_torch
+
+__all__ = ["Block", "Layer", "Op", "Ported", "Ref", "Slice", "TracedModule", "UnsupportedError",
+           "capture", "capture_mode_independent", "emit_source", "from_torch"]

@@ -1,0 +1,112 @@
+"""The translator's intermediate representation: a captured torch module as hashable data.
+
+A :class:`Block` is one traced torch module: its inputs, its operations (:class:`Op`) and its
+children, each a :class:`Layer` (a torch layer and the linen layer replacing it) or a further
+block. Capture (:mod:`.tracing`, needs torch) builds it; :mod:`.module` runs it and :mod:`.emit`
+writes it as source. Pure Python: no torch, no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "call_kwargs", "join_path", "refs"]
+
+NO_DEFAULT = inspect.Parameter.empty
+"""An input without a default value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """An operation's argument that is the result of an earlier operation (or an input)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A ``slice`` in an index (``slice`` itself is unhashable before Python 3.12)."""
+
+    start: Any
+    stop: Any
+    step: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One operation of a block's forward (a ``torch.fx`` node).
+
+    Attributes:
+      out: the name of its result.
+      kind: ``'module'`` (call the child named ``target``) or ``'function'`` (``target`` names an
+        entry of :data:`jaxbn.translate.ops.OPS`).
+      args, kwargs: arguments; :class:`Ref` for earlier results, else constants.
+    """
+
+    out: str
+    kind: str
+    target: str
+    args: tuple
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A torch layer as the linen module that replaces it.
+
+    Attributes:
+      cls: class name in :mod:`.layers`, or for a norm its family's name (the :mod:`jaxbn.linen`
+        class, ``BatchNorm`` / ``InstanceNorm``).
+      kwargs: constructor arguments (torch's values, read off the module).
+      call_kwargs: arguments of every call (a norm's flipped ``track_running_stats``).
+      takes_train: the call takes ``train=`` (norms, dropout, stochastic depth).
+      is_norm: a BatchNorm / InstanceNorm layer (a :mod:`jaxbn.linen` class, core parameters
+        always spelled out).
+      torch_path, torch_type: where it came from (for messages and audits).
+    """
+
+    cls: str
+    kwargs: tuple[tuple[str, Any], ...]
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+    takes_train: bool = False
+    is_norm: bool = False
+    torch_path: str = ""
+    torch_type: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A traced torch module: ``inputs`` (name, default), ``ops``, ``output``, ``children``."""
+
+    torch_type: str
+    torch_path: str
+    inputs: tuple[tuple[str, Any], ...]
+    ops: tuple[Op, ...]
+    output: Any
+    children: tuple[tuple[str, Layer | Block], ...]
+
+    takes_train = True  # a block passes ``train`` on to its children
+
+
+def call_kwargs(child: Layer | Block, train: Any) -> tuple[tuple[str, Any], ...]:
+    """What every call of ``child`` adds to its call site's arguments: ``train`` (the value, or
+    its source text) where it takes one, then a layer's fixed call arguments."""
+    extra = (("train", train),) if child.takes_train else ()
+    return extra + (child.call_kwargs if isinstance(child, Layer) else ())
+
+
+def refs(value: Any) -> set[str]:
+    """The names of the results an argument (possibly nested) uses."""
+    if isinstance(value, Ref):
+        return {value.name}
+    if isinstance(value, (tuple, Slice)):
+        items = value if isinstance(value, tuple) else (value.start, value.stop, value.step)
+        return set().union(*(refs(v) for v in items)) if items else set()
+    return set()
+
+
+def join_path(path: str, name: str) -> str:
+    """A child's torch path: ``layer1`` + ``0`` -> ``layer1.0`` (the root's path is ``''``)."""
+    return f"{path}.{name}" if path else name

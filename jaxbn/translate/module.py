@@ -1,0 +1,96 @@
+"""A captured torch module (:class:`~.ir.Block`) as a ``flax.linen`` module: :class:`TracedModule`.
+
+It interprets the block, one node kind at a time like ``torch.fx.Interpreter``: a module call runs
+the child built from its :class:`~.ir.Layer` (or a nested :class:`TracedModule`), a function call
+runs its entry of the op table (:data:`.ops.OPS`). No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from ..porting.errors import UnsupportedError
+from . import torch_ops
+from .ir import NO_DEFAULT, Block, Op, Ref, Slice, call_kwargs, join_path
+from .layers import build_layer
+from .ops import OPS
+
+__all__ = ["TracedModule"]
+
+_RESERVED = frozenset(dir(nn.Module)) | {"block", "channels_last"}
+
+
+def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
+    """An IR argument with every :class:`~.ir.Ref` replaced by its value."""
+    if isinstance(value, Ref):
+        return env[value.name]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, env) for v in value)
+    if isinstance(value, Slice):
+        return slice(_resolve(value.start, env), _resolve(value.stop, env), _resolve(value.step, env))
+    return value
+
+
+class TracedModule(nn.Module):
+    """A captured torch module (:class:`~.ir.Block`) as a linen module.
+
+    ``__call__(*inputs, train=False)``: torch's forward, with ``train`` in place of
+    ``module.training`` for every norm, dropout and stochastic-depth layer below. Submodules
+    carry the torch attribute names (``Sequential`` children as ``features_0``, ...).
+    """
+
+    block: Block
+    channels_last: bool = False
+
+    def setup(self) -> None:
+        for name, child in self.block.children:
+            if name in _RESERVED:
+                raise UnsupportedError(f"{join_path(self.block.torch_path, name)}: the name {name!r} "
+                                       "is reserved by flax.linen.Module")
+            setattr(self, name, TracedModule(child) if isinstance(child, Block) else build_layer(child))
+
+    def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
+        env = _bind_inputs(self.block, args, kwargs)
+        if self.channels_last:
+            env = {k: jax.tree_util.tree_map(torch_ops.to_channels_first, v) for k, v in env.items()}
+        children = dict(self.block.children)
+        for op in self.block.ops:
+            env[op.out] = self._run(op, env, children, train)
+        out = _resolve(self.block.output, env)
+        if self.channels_last:
+            out = jax.tree_util.tree_map(torch_ops.to_channels_last, out)
+        return out
+
+    def _run(self, op: Op, env: Mapping[str, Any], children: Mapping[str, Any], train: bool) -> Any:
+        """One operation's result: a child module's call, or the op table's function."""
+        args = _resolve(op.args, env)
+        kwargs = {k: _resolve(v, env) for k, v in op.kwargs}
+        if op.kind == "module":
+            kwargs.update(call_kwargs(children[op.target], train))
+            return getattr(self, op.target)(*args, **kwargs)
+        return OPS[op.target].run(*args, **kwargs)
+
+
+def _bind_inputs(block: Block, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The block's inputs by name, from a call's arguments and the inputs' defaults."""
+    if len(args) > len(block.inputs):
+        raise TypeError(f"{block.torch_type} takes {len(block.inputs)} inputs, got {len(args)}")
+    unknown = set(kwargs) - {name for name, _ in block.inputs}
+    if unknown:
+        raise TypeError(f"{block.torch_type} got unexpected keyword argument(s) {sorted(unknown)} "
+                        f"(inputs: {[name for name, _ in block.inputs]}, and train=)")
+    env = {}
+    for i, (name, default) in enumerate(block.inputs):
+        if i < len(args):
+            env[name] = args[i]
+        elif name in kwargs:
+            env[name] = kwargs[name]
+        elif default is not NO_DEFAULT:
+            env[name] = default
+        else:
+            raise TypeError(f"{block.torch_type} is missing its input {name!r}")
+    return env

@@ -1,0 +1,70 @@
+"""The one call: a torch module -> a trainable ``flax.linen`` module and its variables.
+
+:func:`from_torch` captures the module (:mod:`.tracing`), wraps the IR in a
+:class:`~.module.TracedModule` and ports the torch ``state_dict`` into its variables with
+:mod:`jaxbn.porting`. The model keeps torch's layout (channels on axis 1, norms with ``axis=1``);
+with ``channels_last=True`` its inputs and outputs of rank >= 3 are NHWC and it transposes once
+at entry and exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from ..porting import target_from_module, torch_to_flax
+from ..porting.tensors import tensor_to_numpy
+from . import torch_ops
+from .tracing import capture_mode_independent, check_materialized
+from .module import TracedModule
+
+__all__ = ["Ported", "example_arrays", "from_torch"]
+
+
+class Ported(NamedTuple):
+    """:func:`from_torch`'s result: ``module, variables = ported`` (the captured IR is
+    ``ported.module.block``)."""
+
+    module: TracedModule
+    variables: dict
+
+
+def example_arrays(example_input: Any, channels_last: bool = False) -> tuple:
+    """torch tensor(s) -> JAX arrays in the translated model's layout."""
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    arrays = tuple(jax.numpy.asarray(tensor_to_numpy(t)) for t in inputs)
+    return tuple(torch_ops.to_channels_last(a) for a in arrays) if channels_last else arrays
+
+
+def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = False) -> Ported:
+    """Translate a torch module into a trainable ``flax.linen`` module and its variables.
+
+    PyTorch equivalent: the module itself -- ``module.apply(variables, x, train=False)`` is
+    ``torch_module.eval()(x)`` and ``module.apply(variables, x, train=True,
+    mutable=['batch_stats'])`` is ``torch_module.train()(x)`` with its buffer updates (dropout
+    needs a ``'dropout'`` rng). Every BatchNorm / InstanceNorm becomes a :mod:`jaxbn.linen` layer
+    with the torch layer's *current* ``eps``, ``momentum`` (``None`` too), ``affine``, buffers and
+    ``track_running_stats``; variables follow :mod:`jaxbn.porting`'s names, so
+    ``flax_to_torch(variables, torch_module, as_torch=True)`` loads back with
+    ``load_state_dict(strict=True)``.
+
+    Args:
+      torch_module: the model (not modified; lazy modules must have run once).
+      example_input: a torch tensor, or a tuple of them, as the model takes (NCHW): gives the
+        shapes and dtypes for the variables.
+      channels_last: the Flax module takes and returns NHWC (rank >= 3) instead.
+
+    Returns:
+      :class:`Ported` ``(module, variables)``.
+
+    Raises:
+      UnsupportedError: a module or operation that is not translated, named by path and type.
+    """
+    check_materialized(torch_module)
+    block = capture_mode_independent(torch_module)
+    module = TracedModule(block, channels_last=channels_last)
+    arrays = example_arrays(example_input, channels_last)
+    target = target_from_module(module, *arrays, train=False)
+    variables, _ = torch_to_flax(torch_module.state_dict(), target)
+    return Ported(module, variables)
