@@ -19,7 +19,7 @@ step:
   20-100 µs, 100 µs and over);
 
 and, for every normed contender, the same differences to ``no norm`` divided by the network's
-norm count: what one norm adds. That answers what NOTES §9.5 left open on the H200: whether
+norm count: what one norm adds. That answers what the H200's step left open: whether
 jaxbn's extra kernels per norm cost launch gaps (``idle``) or kernel time (``busy``).
 
 On the CPU the events are XLA:CPU's thunks as its executor records them (two threads run them

@@ -6,10 +6,9 @@ Run from the repository root::
     python benchmarks/run.py --quick          # three shapes, fewer rounds (about a minute)
     python benchmarks/run.py --write          # also writes benchmarks/results_cpu.md
     python benchmarks/run.py --write out.md   # ... or the file given
-    python benchmarks/run.py --readme         # also replaces the table embedded in README.md
     python benchmarks/run.py --gpu --write    # on a CUDA machine: benchmarks/results_gpu.md
 
-Nothing is written unless asked (``--write``, ``--readme``): the results files are tracked.
+Nothing is written unless asked (``--write``): the results files are tracked.
 
 What is timed (medians of rounds in which all contenders run interleaved in random order, in one
 process, on the same arrays; the rounds come in blocks that sweep over all shapes, so transient
@@ -162,7 +161,7 @@ class Timer:
     all: JAX dispatches asynchronously, so a sample of ``n`` calls and one wait costs a
     program of a few hundred microseconds measurably less per call as ``n`` grows; a count
     set per function from a single timed call (1 for one, 11 for another in one measured case)
-    skewed sub-millisecond comparisons by up to 1.7x (benchmarks/NOTES.md §11).
+    skewed sub-millisecond comparisons by up to 1.7x (docs/performance.md, how to reproduce).
     """
 
     def __init__(
@@ -250,7 +249,7 @@ class Contenders:
     def jaxbn_state(self):
         """The buffers of a layer in training: it has seen a batch (``num_batches_tracked`` 1),
         and its running statistics are near the data's. A fresh layer's first batch takes a
-        slower path on the CPU (a third read, benchmarks/NOTES.md §12); every later one this."""
+        slower path on the CPU (a third read for the exact mean); every later one this."""
         import jax.numpy as jnp
 
         import jaxbn
@@ -655,9 +654,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's default allocation policy"
     )
-    parser.add_argument(
-        "--readme", action="store_true", help="also replace the table embedded in README.md"
-    )
     return parser.parse_args(argv)
 
 
@@ -707,21 +703,20 @@ def main(argv: list[str] | None = None) -> None:
     if out is not None:
         out.write_text(table)
         print(f"wrote {out}")
-    if args.readme:
-        embed_in_readme(table, "gpu" if args.gpu else "cpu")
 
 
-def embed_in_readme(table: str, kind: str) -> None:
-    """Replace the text between ``<!-- benchmark-{kind}:start -->`` and ``...:end -->``."""
-    readme = ROOT / "README.md"
+def embed_in_doc(table: str, kind: str) -> None:
+    """Replace the text between ``<!-- benchmark-{kind}:start -->`` and ``...:end -->`` in
+    docs/performance.md, where the step tables live."""
+    doc = ROOT / "docs" / "performance.md"
     start, end = f"<!-- benchmark-{kind}:start -->", f"<!-- benchmark-{kind}:end -->"
-    text = readme.read_text()
+    text = doc.read_text()
     if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
+        raise SystemExit(f"{doc} has no {start} ... {end} markers")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
-    print(f"updated {readme}")
+    doc.write_text(f"{head}{start}\n{table}{end}{tail}")
+    print(f"updated {doc}")
 
 
 if __name__ == "__main__":

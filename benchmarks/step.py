@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/step.py                 # CPU: float32, batch 16, 96x96 (a few minutes)
     python benchmarks/step.py --gpu           # CUDA: batch 128, 128x128, bfloat16 and float32
-    python benchmarks/step.py --readme        # also rewrite the step table in docs/performance.md
+    python benchmarks/step.py --doc           # also rewrite the step table in docs/performance.md
     python benchmarks/step.py --control       # also time a second copy of the jaxbn step
 
 What users feel is the train step of a network, not one layer: there a batch norm's output feeds
@@ -30,7 +30,7 @@ SGD with momentum 0.9, the new parameters, optimizer state and running statistic
 parameter, optimizer and statistics buffers donated. Every contender trains on the same batch;
 rounds interleave the contenders in random order (run.py's :class:`Timer`), medians are reported.
 On CPU the script re-executes itself with run.py's allocator settings (``--default-malloc`` to
-opt out). It prints the table; it writes a file only when asked (``--out``, ``--readme``).
+opt out). It prints the table; it writes a file only when asked (``--out``, ``--doc``).
 
 Why 96x96 on CPU and not 64x64: at 64x64 the last stage's maps are 2x2, and XLA:CPU runs a padded
 3x3 convolution on a 2x2 map pathologically slowly (16x2x2x512 -> 512: ~600 ms for 0.3 GFLOP,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default allocation policy")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    parser.add_argument("--readme", action="store_true",
+    parser.add_argument("--doc", action="store_true",
                         help="also replace the step table in docs/performance.md")
     parser.add_argument("--compiles", type=int, default=2,
                         help="fresh compiles of the jaxbn and flax steps timed (the fastest counts)")
@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.write_text(table)
         print(f"wrote {args.out}")
-    if args.readme:
-        bench.embed_in_readme(table, f"step-{'gpu' if args.gpu else 'cpu'}")
+    if args.doc:
+        bench.embed_in_doc(table, f"step-{'gpu' if args.gpu else 'cpu'}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""benchmarks/run.py writes results only when asked: the results files and README are tracked."""
+"""benchmarks/run.py writes results only when asked: the results files are tracked."""
 
 import importlib.util
 import sys
@@ -20,20 +20,19 @@ def test_results_are_written_only_when_asked(tmp_path):
 
     def where(*argv):
         args = run.parse_args(list(argv))
-        return run.results_path(args.write, args.gpu), args.readme
+        return run.results_path(args.write, args.gpu)
 
-    assert where() == (None, False)
-    assert where("--quick") == (None, False)
-    assert where("--gpu") == (None, False)
-    assert where("--write") == (ROOT / "benchmarks" / "results_cpu.md", False)
-    assert where("--gpu", "--write") == (ROOT / "benchmarks" / "results_gpu.md", False)
-    assert where("--write", str(tmp_path / "t.md")) == (tmp_path / "t.md", False)
-    assert where("--readme") == (None, True)
+    assert where() is None
+    assert where("--quick") is None
+    assert where("--gpu") is None
+    assert where("--write") == ROOT / "benchmarks" / "results_cpu.md"
+    assert where("--gpu", "--write") == ROOT / "benchmarks" / "results_gpu.md"
+    assert where("--write", str(tmp_path / "t.md")) == tmp_path / "t.md"
 
 
 def test_every_contender_gets_the_same_calls_per_sample():
     """run.Timer calls every function the same number of times per sample: with asynchronous
-    dispatch the cost per call of a fast program depends on that count (NOTES §11.1)."""
+    dispatch the cost per call of a fast program depends on that count."""
     run = _run_module()
     calls = {"fast": 0, "slow": 0}
 

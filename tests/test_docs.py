@@ -30,3 +30,23 @@ def test_relative_links_in_the_docs_resolve():
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+
+
+def test_performance_doc_holds_the_step_tables_with_machine_and_date():
+    """``benchmarks/step.py --doc`` rewrites these blocks; each starts with where and when."""
+    doc = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    for kind in ("step-cpu", "step-gpu"):
+        block = re.search(rf"<!-- benchmark-{kind}:start -->\n(.*?)<!-- benchmark-{kind}:end -->", doc, re.S)
+        assert block, f"docs/performance.md lost its benchmark-{kind} markers"
+        assert re.match(r"Measured \d{4}-\d\d-\d\d .* on ", block.group(1)), kind
+
+
+def test_no_file_cites_the_retired_lab_notebook():
+    """docs/performance.md replaced the benchmarks' lab notebook: code gives its reason in a line,
+    docs link to docs/performance.md."""
+    folders = ("jaxbn", "benchmarks", "tests", "examples", "docs")
+    files = [ROOT / "README.md", *(f for d in folders for f in (ROOT / d).rglob("*")
+                                   if f.suffix in {".py", ".md", ".sh"})]
+    offenders = [str(f.relative_to(ROOT)) for f in files
+                 if re.search(r"N[O]TES\b", f.read_text(encoding="utf-8"))]
+    assert not offenders
