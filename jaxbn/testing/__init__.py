@@ -2,6 +2,9 @@
 
 * :mod:`.harness` -- the equivalence harness (:func:`check_equivalence`, :func:`assert_equivalent`,
   with :class:`Layout` / :data:`CHANNELS_LAST` and :class:`SGD`), re-exported here;
+* :mod:`.audit` -- a hand-written twin's norm layers vs the torch model's, by name
+  (settings, per-layer mode, feature axis, ``flax.linen.BatchNorm``'s biased variance);
+* :mod:`.modes` -- which mode each torch norm layer runs in (frozen layers included);
 * :mod:`.oracle` -- a real ``torch.nn`` norm module driven with jaxbn's flags (the tests' oracle);
 * :mod:`.behaviour` -- the behaviour table ``python -m jaxbn`` prints, observed live.
 """

@@ -8,7 +8,9 @@
                       layout=CHANNELS_LAST,   # NCHW torch batches -> NHWC Flax inputs
                       sgd=SGD(loss="cross_entropy", targets=labels, learning_rate=0.1), atol=1e-9)
 
-Both models run in eval mode and then in train mode for ``steps`` steps, feeding state forward
+Both models run in eval mode and then in train mode for ``steps`` steps (torch's norm layers
+in their own per-module modes -- a frozen ``bn.eval()`` stays frozen -- in the model's own mode,
+else as ``model.train(mode)`` sets them; the report says so when they are mixed), feeding state forward
 (running statistics, and with ``sgd`` the parameters after one plain SGD step on its loss).
 After every step the outputs *and* the whole state are compared. On a mismatch the report
 names the first diverging layer (torch forward hooks vs Flax ``capture_intermediates``, in
@@ -37,6 +39,7 @@ from .. import porting
 from ..porting.paths import path_name
 from ..porting.tensors import numpy_to_tensor, tensor_to_numpy
 from . import audit
+from .modes import in_mode, mode_note
 
 __all__ = ["CHANNELS_LAST", "SGD", "EquivalenceReport", "Layout", "StepComparison", "assert_equivalent",
            "check_equivalence", "to_channels_first", "to_channels_last"]
@@ -169,7 +172,8 @@ class EquivalenceReport:
 
     steps: list[StepComparison]
     atol: float
-    settings: list[str] = dataclasses.field(default_factory=list)  # norm core-parameter mismatches
+    settings: list[str] = dataclasses.field(default_factory=list)  # norm settings/mode/axis mismatches
+    torch_modes: list[str] = dataclasses.field(default_factory=list)  # a run's mixed torch norm modes
 
     @property
     def ok(self) -> bool:
@@ -187,8 +191,9 @@ class EquivalenceReport:
 
     def __str__(self) -> str:
         head = f"torch vs Flax equivalence (atol {self.atol:g}): {'OK' if self.ok else 'MISMATCH'}"
+        torch_modes = [f"torch modes: {m}" for m in self.torch_modes]
         settings = [f"norm settings differ: {m}" for m in self.settings]
-        return "\n".join([head, *settings, *(str(s) for s in self.steps)])
+        return "\n".join([head, *torch_modes, *settings, *(str(s) for s in self.steps)])
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -236,13 +241,16 @@ def _losses(loss: Loss) -> tuple[Callable, Callable]:
 
 
 class _TorchRun:
-    """A private copy of the torch model with forward hooks recording each layer's output."""
+    """A private copy of the torch model in one mode (:func:`jaxbn.testing.modes.in_mode`: its
+    own per-module modes in its own mode, else ``model.train(training)``) with forward hooks
+    recording each layer's output."""
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, training: bool):
         import torch
 
         self.torch = torch
-        self.module = copy.deepcopy(module)
+        module, own = in_mode(module, training)
+        self.module = copy.deepcopy(module) if own else module
         self.outputs: dict[str, np.ndarray] = {}
         for name, sub in self.module.named_modules():
             if name:
@@ -258,7 +266,6 @@ class _TorchRun:
     def step(self, x: np.ndarray, training: bool, loss: Callable | None, target: Any, lr: float | None):
         torch = self.torch
         self.outputs = {}
-        self.module.train(training)
         xt = numpy_to_tensor(x)
         if training and lr is not None:
             self.module.zero_grad(set_to_none=True)
@@ -411,7 +418,12 @@ def check_equivalence(
       inputs: one torch-layout NumPy batch per step (cycled if fewer than ``steps``).
       steps: steps per mode.
       modes: ``"eval"`` (running statistics; state must not change) and/or ``"train"``
-        (batch statistics, running statistics updated and fed forward).
+        (batch statistics, running statistics updated and fed forward). The torch model runs
+        in its own per-module modes in the mode it is in (``model.train(); bn.eval()``: ``bn``
+        stays frozen in the train run), and as ``model.train(mode)`` sets them (on a copy) in
+        the other; ``EquivalenceReport.torch_modes`` names the layers when a run's are mixed.
+        The twin's norm layers are audited (:func:`jaxbn.testing.audit.norm_mismatches`) in
+        each run's mode, against those modes.
       layout: the Flax model's layout (:class:`Layout`; default: torch's layout unchanged;
         :data:`CHANNELS_LAST` for NCHW -> NHWC images).
       sgd: with an :class:`SGD`, each train step also takes one plain SGD step
@@ -440,14 +452,19 @@ def check_equivalence(
     variables = porting.plain_tree(variables)
     # only a linen module has layers to locate: an apply function never needs the layout probed
     channels_last = isinstance(flax_module, nn.Module) and layout.resolved_channels_last(inputs[0])
-    settings = (audit.norm_mismatches(torch_module, flax_module, variables,
-                                      layout.to_flax_input(inputs[0]), **eval_kwargs)
-                if isinstance(flax_module, nn.Module) else [])
+    settings: dict[str, None] = {}  # ordered, each line once (a setting differs in both modes)
+    torch_modes = []
     results = []
     for mode in modes:
         training = mode == "train"
         kwargs = train_kwargs if training else eval_kwargs
-        run, state = _TorchRun(torch_module), variables
+        if isinstance(flax_module, nn.Module):
+            settings.update(dict.fromkeys(audit.norm_mismatches(
+                torch_module, flax_module, variables, layout.to_flax_input(inputs[0]),
+                torch_training=training, channels_last=channels_last, **kwargs)))
+        note = mode_note(torch_module, training)
+        torch_modes += [note] if note else []
+        run, state = _TorchRun(torch_module, training), variables
         flax_step = _flax_stepper(flax_module, training, dict(kwargs), jax_loss, lr)
         for step in range(steps):
             x = inputs[step % len(inputs)]
@@ -463,7 +480,7 @@ def check_equivalence(
                 first_layer=_first_layer(run.outputs, _flax_layer_outputs(intermediates), atol, channels_last),
                 first_variable=next((d for d in diffs if d.diverges), None),
                 atol=atol))
-    return EquivalenceReport(results, atol, settings)
+    return EquivalenceReport(results, atol, list(settings), torch_modes)
 
 
 def assert_equivalent(*args: Any, **kwargs: Any) -> EquivalenceReport:
