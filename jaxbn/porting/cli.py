@@ -101,7 +101,7 @@ def _checked_output(args: argparse.Namespace) -> formats.Destination:
             f"({'/'.join(out.format.extensions)}); use {_extensions_holding('flax')}, or pass "
             "--to-torch to convert Flax variables to torch")
     for other in filter(None, (args.input, args.like)):
-        if _same_file(other, args.output):
+        if same_file(other, args.output):
             raise CheckpointError(
                 f"{args.output!r} is the same file as {other!r}: refusing to overwrite an input; "
                 "choose another output")
@@ -114,7 +114,9 @@ def _extensions_holding(framework: Literal["torch", "flax"]) -> str:
     return ", ".join(extensions[:-1]) + " or " + extensions[-1]
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file: through symbolic links, relative spellings and hard
+    links (``os.path.samefile``); for a file that does not exist yet, its resolved name."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one does not exist (yet): compare the resolved names

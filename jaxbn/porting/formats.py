@@ -465,7 +465,7 @@ class Destination:
             except UnsupportedTensorError as e:
                 raise CheckpointError(f"cannot write tensor {k!r}: {e}") from e
         self.format.check(arrays)
-        _atomic_write(self.target, lambda tmp: self.format.write(arrays, tmp))
+        atomic_write(self.target, lambda tmp: self.format.write(arrays, tmp))
 
 
 def destination(path: str | os.PathLike, format: str | None = None) -> Destination:
@@ -531,7 +531,17 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _atomic_write(target: str, write: Callable[[str], None]) -> None:
+def atomic_write(target: str, write: Callable[[str], None]) -> None:
+    """Replace the file ``target`` by what ``write(temporary path)`` writes, atomically.
+
+    The temporary file beside ``target`` is renamed over it only once ``write`` returned; if
+    ``write`` raises (or SIGTERM arrives), it is removed and ``target`` is left as it was. Mode,
+    stale temporary files and interruption as in the module docstring; ``target`` should come from
+    :func:`check_writable`.
+
+    Raises:
+      CheckpointError: the temporary file cannot be created, written or renamed (an ``OSError``).
+    """
     _remove_stale_temps(target)
     tmp = _temp_name(target)
     try:
