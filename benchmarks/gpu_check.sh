@@ -3,7 +3,7 @@
 # part has its own time limit and runs even if an earlier one failed; everything lands in
 # ${OUT:-benchmarks/gpu_out}/ (seven files: log.txt, the tables, the steps' optimized HLO, the
 # profile's device events):
-#   1. tests/test_gpu_moments.py on the GPU (the compiled Triton kernel, not the interpreter);
+#   1. tests/functional/test_gpu_moments.py on the GPU (the compiled Triton kernel, not the interpreter);
 #   2. the whole ResNet-18 step (step.py --gpu): jaxbn as it is and with the one-read kernel on
 #      ("jaxbn one-read", jaxbn.Strategy(one_read="cuda")), against flax;
 #   3. where the step's time goes, kernel by kernel (profile_step.py --gpu): what one norm adds
@@ -30,7 +30,7 @@ part() {  # part SECONDS NAME COMMAND...: run with a time limit, log its output 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log" 2>&1
 "$python" -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__,
 'torch', torch.__version__, jax.devices())" >> "$log" 2>&1
-part 60 tests "$python" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_moments.py
+part 60 tests "$python" -m pytest -q -n 0 -p no:cacheprovider tests/functional/test_gpu_moments.py
 part 170 step "$python" benchmarks/step.py --gpu --rounds 20 --compiles 1 \
   --hlo-dir "$out/hlo" --out "$out/results_step_gpu.md"
 [ -d "$out/hlo" ] && tar czf "$out/hlo.tar.gz" -C "$out" hlo && rm -rf "$out/hlo"

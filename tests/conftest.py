@@ -2,7 +2,7 @@
 
 Float32/bf16 tests ask for their dtypes explicitly. Speed choices are never switched for the whole
 session: a test that needs one passes a ``jaxbn.Strategy`` in its flags (the GPU statistics
-kernel, interpreted off-GPU: tests/test_gpu_moments.py).
+kernel, interpreted off-GPU: tests/functional/test_gpu_moments.py).
 """
 
 import jax

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -27,6 +28,12 @@ F64_TOL = 1e-10
 """Max abs difference allowed against torch in float64."""
 
 MOMENTA = (0.1, None, 0.0)
+
+MOMENTUM_SCHEDULE = (0.1, 0.05, 0.3, 0.01, 0.9, 0.5)
+"""``bn.momentum`` changed every step, as torch users' decay schedules do."""
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository (README.md, docs/, examples/, benchmarks/, jaxbn/), wherever a test file sits."""
 
 
 def feature_axes(rank: int) -> tuple[int, ...]:
@@ -91,6 +98,16 @@ def assert_close(actual: Any, expected: Any, tol: float, what: str = "") -> floa
     diff = max_abs_diff(np.nan_to_num(a), np.nan_to_num(e))
     assert diff <= tol, f"{what}: max abs diff {diff:.3e} > {tol:.1e}"
     return diff
+
+
+def same_with_nan(actual, expected, tol=0.0):
+    """Equal where finite (to ``tol``), and non-finite in the same places with the same value."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape
+    assert np.array_equal(np.isnan(a), np.isnan(e)), (a, e)
+    assert np.array_equal(np.isposinf(a), np.isposinf(e)) and np.array_equal(np.isneginf(a), np.isneginf(e)), (a, e)
+    finite = np.isfinite(e)
+    assert np.all(np.abs(a[finite] - e[finite]) <= tol), (a, e)
 
 
 def assert_state_matches(actual: BatchNormState | None, expected: BatchNormState | None,
@@ -158,6 +175,31 @@ class LayerPair:
         diff = assert_close(y, y_torch, tol, f"{what} output")
         state_tol = tol if state_tol is None else state_tol
         return max(diff, assert_state_matches(self.state, self.torch_state(), state_tol, what))
+
+
+class TraceCounter:
+    """``fn`` counting its Python-level calls, which under jit means its traces."""
+
+    def __init__(self, fn):
+        self.traces = 0
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        self.traces += 1
+        return self.fn(*args, **kwargs)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with every floating tensor of its state_dict uniform in [0.5, 1.5) and every
+    integer one 17 (values no initializer gives), in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
+            else:
+                t.fill_(17)
+    return model
 
 
 def seed_of(*parts: Any) -> int:

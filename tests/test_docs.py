@@ -32,6 +32,29 @@ def test_relative_links_in_the_docs_resolve():
             assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
 
 
+def test_the_tests_the_docs_cite_exist():
+    """Every ``tests/<path>.py`` cited is a file, every ``tests/<path>.py::<name>`` a test in that
+    file, every other `` `test_<name>` `` a test somewhere under tests/, and no test file is cited
+    by its bare name (tests move; the docs must follow)."""
+    cited_in = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / ".ci" / "run", *(ROOT / "docs").glob("*.md"),
+                *(f for d in ("benchmarks", "jaxbn", "examples") for f in (ROOT / d).rglob("*")
+                  if f.suffix in {".py", ".md", ".sh"})]
+    defined = {name for f in (ROOT / "tests").rglob("*.py")
+               for name in re.findall(r"^def (test_\w+)\(", f.read_text(encoding="utf-8"), re.M)}
+    for doc in cited_in:
+        text = doc.read_text(encoding="utf-8")
+        where = doc.relative_to(ROOT)
+        for path, name in re.findall(r"\b(tests/[\w/]+\.py)(?:::(\w+))?", text):
+            assert (ROOT / path).is_file(), f"{where} cites {path}, which does not exist"
+            if name:
+                source = (ROOT / path).read_text(encoding="utf-8")
+                assert re.search(rf"^def {name}\(", source, re.M), f"{where} cites {path}::{name}"
+        for name in re.findall(r"`(test_\w+)`", text):
+            assert name in defined, f"{where} cites {name}, which no test file defines"
+        bare = re.findall(r"(?<![/\w])test_\w+\.py", text)
+        assert not bare, f"{where} cites {bare} without its folder: write tests/<folder>/<file>"
+
+
 def test_performance_doc_holds_the_step_tables_with_machine_and_date():
     """``benchmarks/step.py --doc`` rewrites these blocks; each starts with where and when."""
     doc = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""docs/porting.md: every bash block runs as written, in order, in an empty directory."""
+"""docs/porting.md: every bash block runs as written, in order, in an empty directory; so does the
+one-call port's Python example."""
 
 import os
 import re
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "porting.md"
+from helpers import REPO_ROOT
+
+DOC = REPO_ROOT / "docs" / "porting.md"
+ROOT = str(REPO_ROOT)
 
 
 @pytest.mark.slow
@@ -26,3 +30,16 @@ def test_porting_doc_commands_run_as_written(tmp_path):
     assert "round trip bit-exact: 13 tensors" in outputs[2]
     assert "torch vs Flax equivalence (atol 1e-09): OK" in outputs[3]
     assert "<All keys matched successfully>" in outputs[3]
+
+
+def test_porting_doc_one_call_example_runs(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(ROOT) / "docs" / "porting.md").read_text()
+    section = doc.split("## The one-call port", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    run = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "<All keys matched successfully>"

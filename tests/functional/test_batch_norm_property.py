@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import jaxbn
-from helpers import F64_TOL, LayerPair, random_input, random_params, random_state
+from helpers import LayerPair, random_input, random_params, random_state
 from jaxbn import BatchNormFlags
 from jaxbn.testing import oracle as torch_oracle
 

@@ -1,6 +1,14 @@
-"""jaxbn.batch_norm under jax.jit, jax.vmap and jit(grad), each result checked against torch."""
+"""jaxbn.batch_norm under jax.jit, jax.vmap and jit(grad), each result checked against torch.
+
+Flags are static (one trace per flags value, NaN-valued ones included); call-time ``momentum`` /
+``eps`` overrides are static when Python numbers and traced when JAX scalars (a schedule compiles
+once, for both families); eager and jitted calls see the same dtypes.
+"""
 
 import functools
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +19,9 @@ import torch
 import jaxbn
 from helpers import (
     F64_TOL,
+    MOMENTUM_SCHEDULE,
     LayerPair,
+    TraceCounter,
     assert_close,
     assert_grads_match,
     assert_state_matches,
@@ -23,10 +33,13 @@ from helpers import (
     seed_of,
     torch_grads,
 )
-from jaxbn import BatchNormFlags
+from jaxbn import BatchNormFlags, InstanceNormFlags
+from jaxbn.functional.families import pure_function
+from jaxbn.functional.torch_rules import BATCH_NORM, INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
 
 C = 3
+RNG = np.random.default_rng(11)
 
 
 def trace_counted(fn):
@@ -125,3 +138,57 @@ def test_grad_under_jit_matches_torch(training):
         actual = grads(jnp.asarray(x), params, state, jnp.asarray(dy), flags)
         assert_grads_match(actual, torch_grads(module, x, dy, -1), F64_TOL, f"batch {i}")
     assert len(traces) == 1
+
+
+# ---------------------------------------------------------------- call-time overrides: traced values compile once, static ones are flags
+
+
+@pytest.mark.parametrize("family", [BATCH_NORM, INSTANCE_NORM], ids=lambda f: f.name)
+def test_a_traced_momentum_schedule_compiles_once_and_matches_torch(family):
+    pure = pure_function(family)
+    flags = BatchNormFlags(axis=1) if family is BATCH_NORM else InstanceNormFlags(track_running_stats=True)
+    counted = TraceCounter(lambda x, s, p, m, e: pure(x, s, p, flags, momentum=m, eps=e))
+    step = jax.jit(counted)
+    state, params = random_state(RNG, C), random_params(RNG, C)
+    module = torch_oracle.build_module(C, 3, state, params, flags, torch.float64, family)
+    for i, momentum in enumerate(MOMENTUM_SCHEDULE):
+        eps = 1e-5 * (i + 1)
+        x = random_input(RNG, (4, C, 3))
+        y, state = step(jnp.asarray(x), state, params, jnp.float64(momentum), jnp.float64(eps))
+        torch_oracle.apply_flags(module, flags.replace(momentum=momentum, eps=eps))
+        with torch.no_grad():
+            y_t = torch_oracle.forward(module, x)
+        assert_close(y, torch_oracle.to_numpy(y_t), F64_TOL, f"y step {i}")
+        assert_state_matches(state, torch_oracle.module_state(module), F64_TOL)
+    assert counted.traces == 1
+
+def test_static_overrides_are_flags():
+    x, state = jnp.asarray(random_input(RNG, (4, C))), random_state(RNG, C)
+    for momentum, eps in ((None, 1e-3), (0.25, 2e-5)):
+        got = jaxbn.batch_norm(x, state, None, momentum=momentum, eps=eps)
+        expected = jaxbn.batch_norm(x, state, None, BatchNormFlags(momentum=momentum, eps=eps))
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+def test_nan_valued_flags_hit_the_jit_cache():
+    counted = TraceCounter(lambda x, flags: jaxbn.batch_norm(x, None, None, flags)[0])
+    step = jax.jit(counted, static_argnums=())
+    for _ in range(3):
+        step(jnp.ones((4, C)), BatchNormFlags(momentum=float("nan"), eps=float("nan")))
+    assert counted.traces == 1
+
+def test_eager_and_jit_agree_on_numpy_float64_input_without_x64():
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np, jaxbn
+        assert not jax.config.jax_enable_x64
+        x = np.random.default_rng(0).normal(size=(4, 3))          # float64 NumPy
+        state = jaxbn.init_state(3)                              # float32, as jit sees x
+        flags = jaxbn.BatchNormFlags()
+        y_eager, s_eager = jaxbn.batch_norm(x, state, None, flags)
+        y_jit, s_jit = jax.jit(jaxbn.batch_norm)(x, state, None, flags)
+        assert y_eager.dtype == y_jit.dtype == jnp.float32, (y_eager.dtype, y_jit.dtype)
+        np.testing.assert_allclose(y_eager, y_jit, rtol=0, atol=1e-6)  # fusion may round differently
+        np.testing.assert_allclose(s_eager.running_var, s_jit.running_var, rtol=1e-6)
+        print("agree")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "agree" in out.stdout, out.stderr[-2000:]

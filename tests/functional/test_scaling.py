@@ -1,4 +1,4 @@
-"""Scaling out, in subprocesses: 8 host devices (tests/multidevice_sync.py) and 2 processes.
+"""Scaling out, in subprocesses: 8 host devices (tests/functional/multidevice_sync.py) and 2 processes.
 
 The device count and the distributed runtime are fixed when JAX starts, so neither can run in
 this test process (which has one CPU device and x64 on); each runs in fresh interpreters.
@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -37,7 +36,7 @@ def subprocess_env(device_count: int) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_eight_devices_in_a_subprocess():
-    """Runs tests/multidevice_sync.py (shard_map/vmap/pmap/jit sharding vs torch) on 8 devices."""
+    """Runs tests/functional/multidevice_sync.py (shard_map/vmap/pmap/jit sharding vs torch) on 8 devices."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s",
                str(TESTS / "multidevice_sync.py")]
     proc = subprocess.run(command, env=subprocess_env(8), cwd=JAXBN_ROOT, capture_output=True,

@@ -22,6 +22,7 @@ from flax import nnx
 import jaxbn.linen
 import jaxbn.nnx
 import jaxbn.porting
+from helpers import REPO_ROOT
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
 from jaxbn.functional.torch_rules import INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
@@ -333,10 +334,9 @@ def test_a_torch_state_dict_ports_into_a_linen_model_with_instance_norm():
 
 
 def test_the_adapters_doc_instance_norm_example_runs(capsys):
-    import pathlib
     import re
 
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "adapters.md").read_text()
+    doc = (REPO_ROOT / "docs" / "adapters.md").read_text()
     section = doc.split("## InstanceNorm1d/2d/3d", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1

@@ -11,7 +11,6 @@ running statistic and every ``num_batches_tracked`` must agree to 1e-9.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,7 +22,9 @@ import torch
 from flax import nnx
 from flax.traverse_util import flatten_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
 import digits_cnn  # noqa: E402
 
 from jaxbn import BatchNormState  # noqa: E402

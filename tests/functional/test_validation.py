@@ -1,6 +1,9 @@
 """Trace-time validation: jaxbn rejects what torch rejects, with torch's wording where it has one.
 
-Each error is also provoked in torch on the same input, so the test pins torch's behaviour too.
+Each error is also provoked in torch on the same input, so the test pins torch's behaviour too
+(the eps torch refuses, for every mode). The rest is jaxbn's own contract, where torch has no such
+call: arguments of the wrong type, mixed dtypes and traced overrides are errors that name the
+argument and the fix.
 """
 
 import itertools
@@ -20,9 +23,11 @@ from helpers import (
     random_input,
     random_params,
     random_state,
+    same_with_nan,
     torch_dtype,
 )
-from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
+from jaxbn import BatchNormFlags, BatchNormState, InstanceNormFlags
+from jaxbn.functional.torch_rules import INSTANCE_NORM
 from jaxbn.testing import oracle as torch_oracle
 
 C = 5
@@ -308,3 +313,95 @@ def test_flags_normalize_numpy_and_int_values():
     assert type(flags.momentum) is float and type(flags.eps) is float and type(flags.axis) is int
     assert hash(flags) == hash(BatchNormFlags(training=False, momentum=1.0, eps=0.5, axis=-1))
     assert jax.tree_util.tree_leaves(flags) == []
+
+
+# ---------------------------------------------------------------- eps: what torch refuses, in its words
+
+
+EPS_CASES = list(itertools.product((0.0, -1e-5, 1e-5), (True, False), (True, False), (True, False)))
+
+def _torch_outcome(module, x):
+    try:
+        with torch.no_grad():
+            module(torch_oracle.to_torch(x))
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+@pytest.mark.parametrize("eps,training,buffers,tracking", EPS_CASES)
+def test_batch_norm_refuses_the_eps_torch_refuses_with_torchs_words(eps, training, buffers, tracking):
+    x = random_input(RNG, (4, C, 2))
+    state = random_state(RNG, C) if buffers else None
+    flags = BatchNormFlags(training=training, track_running_stats=tracking, eps=eps)
+    module = torch_oracle.build_module(C, x.ndim, state, None, flags, dtype=torch.float64)
+    expected = _torch_outcome(module, x)
+    if expected is None:
+        jaxbn.batch_norm(jnp.asarray(x), state, None, flags)
+    else:
+        with pytest.raises(ValueError) as info:
+            jaxbn.batch_norm(jnp.asarray(x), state, None, flags)
+        assert str(info.value) == expected
+
+@pytest.mark.parametrize("eps,training,buffers,tracking", EPS_CASES)
+def test_instance_norm_accepts_every_eps_as_torch_does(eps, training, buffers, tracking):
+    x = random_input(RNG, (2, C, 4))
+    state = random_state(RNG, C) if buffers else None
+    flags = InstanceNormFlags(training=training, track_running_stats=tracking, eps=eps)
+    if not training and tracking and not buffers:
+        return  # torch's own error (no running stats to use), pinned in test_instance_norm
+    module = torch_oracle.build_module(C, x.ndim, state, None, flags, torch.float64, INSTANCE_NORM)
+    assert _torch_outcome(module, x) is None
+    y, _ = jaxbn.instance_norm(jnp.asarray(x), state, None, flags)
+    y_t, _ = torch_oracle.instance_norm(x, state, None, flags)
+    same_with_nan(y, y_t, 1e-6)
+
+
+# ---------------------------------------------------------------- argument types and dtypes: errors that say how to fix them
+
+
+def test_mixed_dtype_errors_say_how_to_fix_them():
+    x = jnp.ones((4, 2, C))  # float64: x64 is on in the test session
+    with pytest.raises(TypeError, match=r"param_dtype=.*") as info:
+        jaxbn.linen.BatchNorm().init(jax.random.key(0), x, train=True)
+    assert "init_state(C, dtype)" in str(info.value) and "float64" in str(info.value)
+    with pytest.raises(TypeError, match=r"param_dtype="):
+        jaxbn.nnx.BatchNorm(C)(x)
+    with pytest.raises(TypeError, match=r"init_state\(C, dtype\)"):
+        jaxbn.batch_norm(x, jaxbn.init_state(C), None, BatchNormFlags(axis=-1))
+    with pytest.raises(TypeError, match=r"init_params\(C, dtype\)"):
+        jaxbn.batch_norm(x, jaxbn.init_state(C, jnp.float64), jaxbn.init_params(C), BatchNormFlags(axis=-1))
+
+def _error(exc, *args, **kwargs):
+    with pytest.raises(exc) as info:
+        jaxbn.batch_norm(*args, **kwargs)
+    return str(info.value)
+
+def test_wrong_argument_types_are_named():
+    x = jnp.ones((4, C))
+    state, params = jaxbn.init_state(C, jnp.float64), jaxbn.init_params(C, jnp.float64)
+    message = _error(TypeError, torch.ones(4, C, dtype=torch.float64), state, params)
+    assert "x must be a JAX or NumPy array, got torch.Tensor" in message and "jnp.asarray" in message
+    message = _error(TypeError, x, dict(state._asdict()), params)
+    assert "state must be a jaxbn.BatchNormState" in message and "dict" in message
+    message = _error(TypeError, x, tuple(state), params)
+    assert "state must be a jaxbn.BatchNormState" in message and "tuple" in message
+    message = _error(TypeError, x, params, state)
+    assert "swapped" in message and "batch_norm(x, state, params, flags)" in message
+    torch_state = BatchNormState(torch.zeros(C), torch.ones(C), torch.tensor(0))
+    message = _error(TypeError, x, torch_state, params)
+    assert "state.running_mean must be a JAX or NumPy array, got torch.Tensor" in message
+    message = _error(TypeError, x, state, params, {"training": True})
+    assert "flags must be a jaxbn.BatchNormFlags, got dict" in message
+    with pytest.raises(TypeError, match="mask must be a JAX or NumPy array"):
+        jaxbn.batch_norm(x, state, params, mask=[True] * 4)
+
+def test_instance_norm_names_wrong_argument_types_too():
+    with pytest.raises(TypeError, match="params must be a jaxbn.BatchNormParams"):
+        jaxbn.instance_norm(jnp.ones((2, C, 4)), None, {"weight": 1.0, "bias": 0.0})
+
+def test_traced_overrides_must_be_floating_scalars():
+    x = jnp.ones((4, C))
+    with pytest.raises(ValueError, match="momentum must be a scalar"):
+        jaxbn.batch_norm(x, None, None, momentum=jnp.ones(2))
+    with pytest.raises(TypeError, match="eps must be a floating-point scalar"):
+        jaxbn.batch_norm(x, None, None, eps=jnp.asarray(1))

@@ -1,10 +1,10 @@
 """Cross-device batch norm on 8 host CPU devices against torch on the concatenated batch (float64).
 
 Not collected by the main test run (the file name does not start with ``test_``): the device
-count is fixed when JAX starts, so tests/test_scaling.py runs this file with pytest in a
-subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Run it by hand with::
+count is fixed when JAX starts, so tests/functional/test_scaling.py runs this file with pytest in
+a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Run it by hand with::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice_sync.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/functional/multidevice_sync.py
 
 Every comparison is against real torch BatchNorm on the concatenation of the devices' valid
 rows (:func:`jaxbn.testing.oracle.vjp`, which with a mask also gives the padded rows' torch
@@ -30,8 +30,8 @@ from jaxbn.testing import oracle as torch_oracle
 
 if jax.device_count() != 8:
     raise RuntimeError(
-        f"tests/multidevice_sync.py needs 8 devices, found {jax.device_count()}: run it through "
-        "tests/test_scaling.py or with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        f"tests/functional/multidevice_sync.py needs 8 devices, found {jax.device_count()}: run it through "
+        "tests/functional/test_scaling.py or with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     )
 
 TOL = dict(rtol=1e-10, atol=1e-10)

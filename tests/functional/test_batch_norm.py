@@ -3,7 +3,8 @@
 Every combination of the behaviour table in docs/semantics.md (training x buffers at construction x current
 track_running_stats x momentum) times affine, rank 2..5, feature axis and eps; then random
 sequences that mutate the torch module between calls the way users do. Outputs, running_mean,
-running_var and num_batches_tracked must agree to 1e-10 (counter exactly) after every step.
+running_var and num_batches_tracked must agree to 1e-10 (counter exactly) after every step. An
+int32 counter (no x64) saturates at its limit where torch's int64 one keeps counting.
 """
 
 import jax.numpy as jnp
@@ -13,7 +14,6 @@ import torch
 
 import jaxbn
 from helpers import (
-    F64_TOL,
     MOMENTA,
     LayerPair,
     assert_close,
@@ -29,6 +29,7 @@ from jaxbn import BatchNormFlags
 from jaxbn.testing import oracle as torch_oracle
 
 NUM_FEATURES = 3
+RNG = np.random.default_rng(11)
 STEP_BATCHES = (3, 2, 4)  # the batch size changes between steps, so n/(n-1) changes too
 LAYOUTS = [(rank, axis) for rank in (2, 3, 4, 5) for axis in feature_axes(rank)]
 
@@ -145,3 +146,25 @@ def test_float32_matches_torch_float32(rank, axis, training, momentum):
         assert_close(y, torch_oracle.to_numpy(y_exact), F32_TOL, f"step {step} output")
         assert_state_matches(state, torch_oracle.module_state(reference), F32_TOL, f"step {step}")
         assert state.running_mean.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- the int32 counter
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_an_int32_counter_saturates_instead_of_wrapping(momentum):
+    top = np.iinfo(np.int32).max
+    x = random_input(RNG, (4, NUM_FEATURES))
+    state = random_state(RNG, NUM_FEATURES)._replace(num_batches_tracked=jnp.asarray(top, jnp.int32))
+    _, new = jaxbn.batch_norm(jnp.asarray(x), state, None, BatchNormFlags(momentum=momentum))
+    assert new.num_batches_tracked.dtype == jnp.int32 and int(new.num_batches_tracked) == top
+    # torch's int64 counter reaches 2**31; the factor differs by 1/2**31 - 1/(2**31 - 1) ~ 5e-19.
+    torch_state = state._replace(num_batches_tracked=np.asarray(top, np.int64))
+    _, new_t = torch_oracle.batch_norm(x, torch_state, None, BatchNormFlags(momentum=momentum))
+    assert_close(new.running_mean, new_t.running_mean, 1e-15, "running_mean")
+    assert_close(new.running_var, new_t.running_var, 1e-15, "running_var")
+
+def test_the_int32_counter_keeps_counting_below_its_limit():
+    state = jaxbn.init_state(NUM_FEATURES, jnp.float64)._replace(num_batches_tracked=jnp.asarray(7, jnp.int32))
+    _, new = jaxbn.batch_norm(jnp.ones((4, NUM_FEATURES)), state, None, BatchNormFlags())
+    assert int(new.num_batches_tracked) == 8

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -541,7 +542,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     jax.config.update("jax_enable_x64", True)
     import jaxbn
-    from tests.test_fast_path import device_batches, reference_batch_norm
+    from tests.functional.test_kernel import device_batches, reference_batch_norm
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("d",))
     worst = 0.0
@@ -609,7 +610,7 @@ def test_shard_map_over_8_host_devices_matches_autodiff_reference():
     check_vma on and off: outputs and gradients equal autodiff of the psum formula; buffers are
     the global update. Plain jit on a batch-sharded input: gradients equal autodiff of the
     formula and the compiled step all-reduces per-channel vectors, never gathers the batch."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[2])  # the repository: tests.functional imports
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=root, env=env,

@@ -5,7 +5,7 @@ it: on linen through call-time overrides (linen modules are immutable), on NNX b
 attributes after construction, exactly as torch users do. Plus the adapter-specific rules: torch
 variable names, ``mutable=['batch_stats']``, ``init`` leaves the statistics alone, lazy
 ``num_features``, NNX's ``train()`` / ``eval()`` / ``nnx.view`` and attribute flips under
-``nnx.jit``.
+``nnx.jit``; the eps torch refuses, and a traced momentum schedule compiled once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from flax import nnx
 
 import jaxbn.linen
 import jaxbn.nnx
+from helpers import F64_TOL, MOMENTUM_SCHEDULE, TraceCounter, assert_close, assert_state_matches, random_input
 from jaxbn import BatchNormFlags, BatchNormParams, BatchNormState
 from jaxbn.functional.families import FAMILIES
 from jaxbn.functional.torch_rules import Family
@@ -28,6 +29,7 @@ from jaxbn.testing import oracle as torch_oracle
 
 C = 5
 TOL = 1e-10
+RNG = np.random.default_rng(11)
 
 
 def nonfresh_state(rng: np.random.Generator, dtype=np.float64) -> BatchNormState:
@@ -444,3 +446,38 @@ def test_half_precision_input_with_float32_variables_is_torchs_mixed_precision(a
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, rtol=0, atol=0.05)
     assert_state_close(new_state, state_torch, tol=1e-5)
+
+
+# ---------------------------------------------------------------- eps and traced momentum through the adapters
+
+
+def test_the_adapters_refuse_eps_zero_in_training():
+    x = jnp.asarray(random_input(RNG, (4, 2, C)))
+    message = "batch_norm eps must be positive during training, but got 0.0"
+    with pytest.raises(ValueError, match=message):
+        jaxbn.linen.BatchNorm(eps=0.0, param_dtype=jnp.float64).init(jax.random.key(0), x, train=True)
+    with pytest.raises(ValueError, match=message):
+        jaxbn.nnx.BatchNorm(C, eps=0.0, param_dtype=jnp.float64)(x)
+
+def test_adapters_take_a_traced_momentum_and_compile_once():
+    x = jnp.asarray(random_input(RNG, (4, 2, C)))
+    model = jaxbn.linen.BatchNorm(param_dtype=jnp.float64)
+    variables = model.init(jax.random.key(0), x, train=True)
+    counted = TraceCounter(lambda v, x, m: model.apply(v, x, train=True, momentum=m, mutable=["batch_stats"]))
+    step = jax.jit(counted)
+    state = BatchNormState(**variables["batch_stats"])
+    params = BatchNormParams(**variables["params"])
+    nnx_model = jaxbn.nnx.BatchNorm(C, param_dtype=jnp.float64)
+    nnx_counted = TraceCounter(lambda m, x, momentum: m(x, momentum=momentum))
+    nnx_step = nnx.jit(nnx_counted)
+    for momentum in MOMENTUM_SCHEDULE:
+        y, updates = step(variables, x, jnp.float64(momentum))
+        variables = {**variables, **updates}
+        y_nnx = nnx_step(nnx_model, x, jnp.float64(momentum))
+        y_ref, state = jaxbn.batch_norm(x, state, params, BatchNormFlags(axis=-1, momentum=momentum))
+        assert_close(y, y_ref, F64_TOL, "linen y")
+        assert_close(y_nnx, y_ref, F64_TOL, "nnx y")
+        assert_state_matches(BatchNormState(**variables["batch_stats"]), state, F64_TOL)
+        assert_state_matches(BatchNormState(*(nnx_model.running_mean[...], nnx_model.running_var[...],
+                                              nnx_model.num_batches_tracked[...])), state, F64_TOL)
+    assert counted.traces == 1 and nnx_counted.traces == 1

@@ -1,4 +1,6 @@
-"""torch state_dict <-> Flax variables: layouts, names, strictness, bad input. torch is the oracle."""
+"""torch state_dict <-> Flax variables (``jaxbn.porting.torch_to_flax`` / ``flax_to_torch``): a
+BN-bearing model both ways, names (user rules, Flax's automatic names), strictness and bad input,
+and the JAX-side variable files. torch is the oracle. Layouts alone: tests/porting/test_layouts.py."""
 
 import re
 
@@ -12,46 +14,12 @@ from flax import nnx
 
 import jaxbn.linen as jl
 import jaxbn.nnx as jnnx
+from helpers import randomized
 from jaxbn import porting
 from jaxbn.porting import PortingError
 from jaxbn.testing.oracle import to_numpy
 
 F64 = jnp.float64
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
-            else:
-                t.fill_(17)
-    return model
-
-
-# ------------------------------------------------------------------ layouts (torch is the oracle)
-
-@pytest.mark.parametrize("nd", [1, 2, 3])
-def test_conv_kernel_layout_gives_torch_outputs(nd):
-    conv = getattr(torch.nn, f"Conv{nd}d")(3, 4, kernel_size=3, stride=2, padding=1, groups=1).double()
-    _randomize(conv)
-    x = np.random.default_rng(0).normal(size=(2, 3) + (7,) * nd)
-    ref = to_numpy(conv(torch.from_numpy(x)))
-    flax_conv = nn.Conv(4, (3,) * nd, strides=2, padding=[(1, 1)] * nd, param_dtype=F64)
-    target = porting.target_from_module(flax_conv, jnp.zeros((2,) + (7,) * nd + (3,), F64))
-    variables, report = porting.torch_to_flax(conv.state_dict(), target)
-    assert report.matched[0].transform == f"conv{nd}d"
-    y = flax_conv.apply(variables, np.moveaxis(x, 1, -1))
-    np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1), ref, rtol=0, atol=1e-12)
-
-
-def test_linear_layout_gives_torch_outputs():
-    lin = _randomize(torch.nn.Linear(5, 3).double())
-    x = np.random.default_rng(1).normal(size=(4, 5))
-    dense = nn.Dense(3, param_dtype=F64)
-    variables, _ = porting.torch_to_flax(lin.state_dict(), porting.target_from_module(dense, jnp.zeros((1, 5), F64)))
-    np.testing.assert_allclose(dense.apply(variables, x), to_numpy(lin(torch.from_numpy(x))), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------ a BN-bearing model
@@ -87,7 +55,7 @@ def _flax_target(bn_stats=True, dtype=F64):
 
 
 def test_ported_bn_model_matches_torch_in_eval_and_round_trips_bit_exact():
-    tnet = _randomize(TorchNet().double())
+    tnet = randomized(TorchNet().double())
     tnet.eval()
     variables, report = porting.torch_to_flax(tnet.state_dict(), _flax_target())
     assert report.ok and len(report.matched) == 13
@@ -106,7 +74,7 @@ def test_ported_bn_model_matches_torch_in_eval_and_round_trips_bit_exact():
 
 def test_round_trip_bf16_and_float32_bit_exact():
     for dtype, jdtype in [(torch.float32, jnp.float32), (torch.bfloat16, jnp.bfloat16)]:
-        tnet = _randomize(TorchNet().to(dtype))
+        tnet = randomized(TorchNet().to(dtype))
         variables, _ = porting.torch_to_flax(tnet.state_dict(), _flax_target(dtype=jdtype))
         back, _ = porting.flax_to_torch(variables, tnet.state_dict(), as_torch=True)
         for k, t in tnet.state_dict().items():
@@ -121,7 +89,7 @@ def test_nnx_state_target():
             self.head = nnx.List([nnx.Linear(4, 5, param_dtype=F64, rngs=nnx.Rngs(0)),
                                   jnnx.BatchNorm(5, momentum=None, param_dtype=F64)])
 
-    tnet = _randomize(TorchNet().double())
+    tnet = randomized(TorchNet().double())
     model = NnxNet()
     state = nnx.state(model)
     pure, report = porting.torch_to_flax(tnet.state_dict(), state)
@@ -137,7 +105,7 @@ def test_nnx_state_target():
 # ------------------------------------------------------------------ strictness and bad input
 
 def test_one_error_lists_missing_unexpected_and_shape_mismatch_together():
-    sd = _randomize(TorchNet().double()).state_dict()
+    sd = randomized(TorchNet().double()).state_dict()
     del sd["head.0.bias"]
     sd["extra.weight"] = torch.zeros(2, dtype=torch.float64)
     sd["bn.running_mean"] = torch.zeros(7, dtype=torch.float64)
@@ -168,7 +136,7 @@ def test_missing_running_var_is_reported_like_torch():
 
 
 def test_version1_checkpoint_without_counter_loads_zero_like_torch():
-    tnet = _randomize(TorchNet().double())
+    tnet = randomized(TorchNet().double())
     sd = {k: v for k, v in tnet.state_dict().items() if "num_batches_tracked" not in k}
     fresh = TorchNet().double()
     fresh.load_state_dict(sd, strict=True)  # torch accepts: version-1 BatchNorm
@@ -195,7 +163,7 @@ def test_bn_without_running_stats_receiving_them_is_an_error_with_a_hint():
 
 
 def test_dtype_mismatch_is_an_error_unless_cast():
-    sd = _randomize(TorchNet().double()).state_dict()
+    sd = randomized(TorchNet().double()).state_dict()
     float32_model = TorchNet()
     float32_model.load_state_dict(sd, strict=True)  # torch: float64 -> float32 silently
     assert float32_model.bn.weight.dtype == torch.float32
@@ -222,7 +190,7 @@ def test_int64_counter_into_int32_target_checks_range():
 
 
 def test_user_rules_regex_list_and_callable():
-    sd = _randomize(TorchNet().double()).state_dict()
+    sd = randomized(TorchNet().double()).state_dict()
     renamed = {k.replace("head.", "classifier.").replace("bn.", "norm."): v for k, v in sd.items()}
     with pytest.raises(PortingError):
         porting.torch_to_flax(renamed, _flax_target())
@@ -245,7 +213,7 @@ def test_user_rules_regex_list_and_callable():
 
 
 def test_structural_targets_invert_each_other():
-    sd = _randomize(TorchNet().double()).state_dict()
+    sd = randomized(TorchNet().double()).state_dict()
     variables, report = porting.torch_to_flax(sd, porting.structural_flax_target(sd))
     assert report.ok
     assert variables["params"]["head_0"]["kernel"].shape == (4, 5)
@@ -258,7 +226,7 @@ def test_structural_targets_invert_each_other():
 
 @pytest.mark.parametrize("ext", [".msgpack", ".safetensors"])
 def test_save_and_load_variables_checked_against_target(tmp_path, ext):
-    variables, _ = porting.torch_to_flax(_randomize(TorchNet().double()).state_dict(), _flax_target())
+    variables, _ = porting.torch_to_flax(randomized(TorchNet().double()).state_dict(), _flax_target())
     path = tmp_path / f"vars{ext}"
     porting.save_variables(variables, str(path))
     loaded, report = porting.load_variables(str(path), _flax_target())
@@ -279,8 +247,8 @@ def test_save_and_load_variables_checked_against_target(tmp_path, ext):
 
 
 def test_without_x64_counters_become_int32_and_float64_is_never_silently_narrowed():
-    sd32 = _randomize(TorchNet()).state_dict()
-    sd64 = _randomize(TorchNet().double()).state_dict()
+    sd32 = randomized(TorchNet()).state_dict()
+    sd64 = randomized(TorchNet().double()).state_dict()
     with jax.enable_x64(False):
         variables, _ = porting.torch_to_flax(sd32, porting.structural_flax_target(sd32))
         counter = variables["batch_stats"]["bn"]["num_batches_tracked"]
@@ -290,20 +258,6 @@ def test_without_x64_counters_become_int32_and_float64_is_never_silently_narrowe
             porting.torch_to_flax(sd32, porting.structural_flax_target(sd32))
         with pytest.raises((PortingError, TypeError), match="float64"):
             porting.torch_to_flax(sd64, porting.structural_flax_target(sd64))
-
-
-def test_torch_padding_is_not_flax_same_for_strided_convs():
-    """Why ports use explicit padding: torch pads k//2 on both sides, 'SAME' pads more at the end."""
-    conv = _randomize(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1).double())
-    x = np.random.default_rng(3).normal(size=(1, 2, 8, 8))
-    ref = to_numpy(conv(torch.from_numpy(x)))
-    diffs = {}
-    for padding in ("SAME", ((1, 1), (1, 1))):
-        flax_conv = nn.Conv(3, (3, 3), strides=2, padding=padding, param_dtype=F64)
-        variables, _ = porting.torch_to_flax(conv.state_dict(), porting.target_from_module(flax_conv, jnp.zeros((1, 8, 8, 2), F64)))
-        y = np.moveaxis(np.asarray(flax_conv.apply(variables, np.moveaxis(x, 1, -1))), -1, 1)
-        diffs[str(padding)] = np.abs(y - ref).max()
-    assert diffs["SAME"] > 1e-3 and diffs[str(((1, 1), (1, 1)))] < 1e-12
 
 
 # ------------------------------------------------------------------ Flax's automatic names

@@ -1,11 +1,16 @@
-"""The running mean as the shift of the batch statistics (``reductions.running_shifted``).
+"""The per-channel statistics (``jaxbn.functional.reductions``): their shift and its guards.
 
-With the CPU's default strategy (``Strategy.running_mean_shift``) a training call with buffers
-sums ``x - running_mean`` instead of reading a shift from the batch first. Whether or not the
-running mean can be trusted as a shift, the statistics must stay exact for data at a mean of 1e5
-standard deviations, with torch in float64 as the oracle. A plain float32 mean of this data errs
-by more than 1e-3, so a path that trusted a far-off shift (or skipped the residual read) breaks
+The running mean as the shift of the batch statistics (``reductions.running_shifted``): with
+the CPU's default strategy (``Strategy.running_mean_shift``) a training call with buffers sums
+``x - running_mean`` instead of reading a shift from the batch first. Whether or not the running
+mean can be trusted as a shift, the statistics must stay exact for data at a mean of 1e5 standard
+deviations, with torch in float64 as the oracle. A plain float32 mean of this data errs by more
+than 1e-3, so a path that trusted a far-off shift (or skipped the residual read) breaks
 the 1e-3 bound on ``y``.
+
+A channel whose first element is infinite: torch's mean is infinite, and the shift must not turn
+``inf`` into ``inf - inf = NaN`` (plain, masked and instance norm), while finite data keeps the
+shift's float32 accuracy.
 """
 
 import jax
@@ -14,13 +19,13 @@ import numpy as np
 import pytest
 
 import jaxbn
-from helpers import max_abs_diff
-from jaxbn import BatchNormFlags, BatchNormState
+from helpers import F64_TOL, max_abs_diff, random_input, random_params, random_state, same_with_nan
+from jaxbn import BatchNormFlags, BatchNormState, InstanceNormFlags
 from jaxbn.functional.reductions import ShiftHint, trusts_running_shift
 from jaxbn.testing import oracle as torch_oracle
 
 C = 64
-SHAPE = (32, 28, 28, C)  # NHWC; 25,088 elements per channel, as in test_fast_path
+SHAPE = (32, 28, 28, C)  # NHWC; 25,088 elements per channel, as in test_kernel
 RNG = np.random.default_rng(41)
 X = (1e5 + RNG.standard_normal(SHAPE)).astype(np.float32)
 BATCH_MEAN = X.astype(np.float64).mean(axis=(0, 1, 2))
@@ -112,3 +117,48 @@ def test_with_buffers_the_cpu_program_reads_no_shift_from_the_batch():
     assert " slice(" not in with_state and "dynamic-slice(" not in with_state
     assert "conditional(" in with_state  # the residual read, for untrusted running statistics
     assert " slice(" in without or "dynamic-slice(" in without
+
+
+# ---------------------------------------------------------------- an infinite first element (the shift must not turn inf into NaN)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_infinite_first_element_gives_torchs_infinite_running_mean(value, dtype):
+    x = np.array([[value, 0.5], [1.0, 1.5], [2.0, -3.0]], dtype)  # channel 0 starts with inf
+    state, params = jaxbn.init_state(2, dtype), jaxbn.init_params(2, dtype)
+    y, new = jaxbn.batch_norm(jnp.asarray(x), state, params, BatchNormFlags())
+    y_t, new_t = torch_oracle.batch_norm(x, state, params, BatchNormFlags())
+    tol = 1e-6 if dtype == np.float32 else F64_TOL
+    same_with_nan(y, y_t, tol)
+    same_with_nan(new.running_mean, new_t.running_mean, tol)  # [+-inf, finite], not NaN
+    same_with_nan(new.running_var, new_t.running_var, tol)
+    assert np.isinf(np.asarray(new.running_mean)[0])
+
+def test_an_infinite_first_valid_row_under_a_mask_matches_torch_on_the_valid_rows():
+    x = np.array([[7.0], [np.inf], [1.0], [2.0]])
+    mask = np.array([False, True, True, True])  # the first *valid* row holds the inf
+    state = jaxbn.init_state(1, jnp.float64)
+    _, new = jaxbn.batch_norm(jnp.asarray(x), state, None, BatchNormFlags(), mask=jnp.asarray(mask))
+    _, new_t = torch_oracle.batch_norm(x[mask], state, None, BatchNormFlags())
+    same_with_nan(new.running_mean, new_t.running_mean, F64_TOL)
+    same_with_nan(new.running_var, new_t.running_var, F64_TOL)
+
+def test_an_infinite_first_element_in_instance_norm_matches_torch():
+    x = random_input(RNG, (2, C, 4))
+    x[0, 1, 0] = np.inf
+    state, params = random_state(RNG, C), random_params(RNG, C)
+    flags = InstanceNormFlags(track_running_stats=True)
+    y, new = jaxbn.instance_norm(jnp.asarray(x), state, params, flags)
+    y_t, new_t = torch_oracle.instance_norm(x, state, params, flags)
+    same_with_nan(y, y_t, F64_TOL)
+    same_with_nan(new.running_mean, new_t.running_mean, F64_TOL)
+    same_with_nan(new.running_var, new_t.running_var, F64_TOL)
+
+def test_the_shift_still_guards_float32_accuracy_for_large_means():
+    # The fallback only replaces a non-finite shift: data offset by 1e4 keeps its digits.
+    x = (1e4 + RNG.normal(size=(64, C))).astype(np.float32)
+    state = jaxbn.init_state(C)
+    _, new = jaxbn.batch_norm(jnp.asarray(x), state, None, BatchNormFlags(momentum=1.0))
+    exact = x.astype(np.float64).var(axis=0, ddof=1)
+    assert np.max(np.abs(np.asarray(new.running_var) - exact)) < 1e-4

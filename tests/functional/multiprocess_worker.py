@@ -1,4 +1,4 @@
-"""One of the processes of tests/test_scaling.py::test_two_processes_sync_batch_norm.
+"""One of the processes of tests/functional/test_scaling.py::test_two_processes_sync_batch_norm.
 
 Usage: ``python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT INPUTS.npz OUT.npz``, with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` in the environment. Joins a

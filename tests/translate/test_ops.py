@@ -1,0 +1,247 @@
+"""The translator's op table (``jaxbn.translate.ops.OPS``) against the torch callables it replaces.
+
+For every entry, on random float64 inputs: its ``run`` equals each of its own torch callables
+(``torch.*``, ``torch.nn.functional.*``, ``operator.*`` and ``Tensor`` methods, resolved the way
+capture resolves them), and the source its ``write`` produces -- a one-operation model written by
+:func:`jaxbn.translate.emit_source` (the file ``python -m jaxbn port --emit`` writes), executed --
+computes the same. The calls are listed per entry below; an entry without calls fails, so a new
+op needs its test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from helpers import seed_of
+from jaxbn.translate import emit_source, ops
+from jaxbn.translate.ir import NO_DEFAULT, Block, Op, Ref, Slice
+
+TOL = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class T:
+    """A random float64 tensor argument: ``name`` (the same name, the same values), ``shape``;
+    ``integral`` draws whole numbers (so ``==`` and ``//`` meet ties), ``scale`` widens the range
+    (so relu6 and hardsigmoid reach their flat parts)."""
+
+    name: str
+    shape: tuple[int, ...]
+    integral: bool = False
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call of an entry: ``args`` and ``kwargs`` as capture records them (tensors as
+    :class:`T`, slices as :class:`~jaxbn.translate.ir.Slice`); ``only``: the torch callables it
+    applies to (default: all of the entry's)."""
+
+    args: tuple
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    only: tuple[str, ...] | None = None
+
+
+X, Y = T("x", (2, 3, 4)), T("y", (2, 3, 4))
+WIDE = T("x", (2, 3, 4), scale=5.0)
+ROW = T("y", (4,))
+I, J = T("x", (3, 4), integral=True), T("y", (3, 4), integral=True)
+SIGNAL, IMAGE, VOLUME = T("x", (2, 3, 9)), T("x", (2, 3, 7, 8)), T("x", (1, 2, 5, 6, 7))
+
+
+def binary(*extra: Call) -> list[Call]:
+    """Tensor with tensor, with a broadcast row and with a Python number, then ``extra``."""
+    return [Call((X, Y)), Call((X, ROW)), Call((X, 2.5)), *extra]
+
+
+def unary(*extra: Call) -> list[Call]:
+    """A wide-ranged tensor alone, then ``extra``."""
+    return [Call((WIDE,)), *extra]
+
+
+def pools(kind: str, n: int) -> list[Call]:
+    """Calls of ``{kind}_pool{n}d`` with torch's positional order, ceil_mode and padding."""
+    x = (SIGNAL, IMAGE, VOLUME)[n - 1]
+    if kind == "max":  # kernel, stride, padding, dilation, ceil_mode
+        return [Call((x, 2)), Call((x, 3, 2, 1, 1, True)), Call((x, 2, 1, 0, 2, False)),
+                Call((x,), (("kernel_size", 3), ("stride", 2), ("ceil_mode", True)))]
+    if kind == "avg":  # kernel, stride, padding, ceil_mode, count_include_pad (divisor_override)
+        calls = [Call((x, 2)), Call((x, 3, 2, 1, True, False)), Call((x, 2, 2, 1, True, True))]
+        return calls + ([Call((x, 2), (("divisor_override", 3),))] if n > 1 else [])
+    sizes = {1: (4, 1), 2: ((3, None), 4), 3: ((2, None, 3), 1)}[n]
+    return [Call((x, size)) for size in sizes]
+
+
+CALLS: dict[str, list[Call]] = {
+    "operator.add": binary(),
+    "operator.sub": binary(),
+    "operator.mul": binary(),
+    "operator.truediv": binary(),
+    "operator.floordiv": binary(Call((I, J))),
+    "operator.eq": binary(Call((I, J)), Call((X, X))),
+    "operator.neg": [Call((X,))],
+    "operator.getitem": [Call((X, 1)), Call((X, (Slice(None, None, None), 0))),
+                         Call((X, Slice(1, None, None))), Call((X, (Ellipsis, Slice(None, 3, 2)))),
+                         Call((X, (0, Slice(None, -1, None), Slice(1, 3, None))))],
+    "getattr": [Call((X, "shape")), Call((X, "ndim"))],
+    "identity": [Call((X,))],
+    "relu": unary(),
+    "relu6": unary(),
+    "hardswish": unary(),
+    "hardsigmoid": unary(),
+    "silu": unary(),
+    "sigmoid": unary(),
+    "tanh": unary(),
+    "gelu": unary(Call((WIDE,), (("approximate", "tanh"),))),
+    "leaky_relu": unary(Call((WIDE, 0.2)), Call((WIDE,), (("negative_slope", 0.3),))),
+    "softmax": [Call((X, 1)), Call((X,), (("dim", -1),))],
+    "add": [Call((X, Y)), Call((X, ROW)), Call((X, 2.5)),
+            Call((X, Y), (("alpha", 2),), only=("torch.add", "Tensor.add"))],
+    "mul": [Call((X, Y)), Call((X, ROW)), Call((X, 2.5))],
+    "cat": [Call(((X, Y), 1)), Call(((X, Y, X),)), Call(((X, T("z", (2, 1, 4))),), (("dim", 1),))],
+    "flatten": [Call((X,)), Call((X, 1)), Call((X, 0, 1)), Call((T("x", ()),))],
+    "mean": [Call((X,)), Call((X, 1)), Call((X, (0, 2), True)), Call((X,), (("dim", -1), ("keepdim", True)))],
+    "sum": [Call((X,)), Call((X, 1)), Call((X, (0, 2), True)), Call((X,), (("dim", -1), ("keepdim", True)))],
+    "transpose": [Call((X, 0, 2)), Call((X, -1, 1))],
+    "permute": [Call((X, (2, 0, 1))), Call((X, 1, 2, 0), only=("Tensor.permute",))],
+    "reshape": [Call((X, (4, -1))), Call((X, 6, 4), only=("Tensor.reshape",))],
+    "view": [Call((X, (4, -1))), Call((X, 2, -1))],
+    "chunk": [Call((X, 2)), Call((X, 3, 2)), Call((X, 2), (("dim", 1),))],
+    "squeeze": [Call((T("x", (2, 1, 3, 1)),)), Call((T("x", (2, 1, 3, 1)), 1)), Call((T("x", (2, 1, 3, 1)), 0))],
+    "unsqueeze": [Call((X, 0)), Call((X, -1)), Call((X, 2))],
+    "size": [Call((X,)), Call((X, 1)), Call((X, -1))],
+    "dim": [Call((X,))],
+    "contiguous": [Call((X,))],
+    **{f"{kind}_pool{n}d": pools(kind, n) for kind in ("max", "avg") for n in (1, 2, 3)},
+    **{f"{kind}_pool{n}d": pools(kind, n) for kind in ("adaptive_avg", "adaptive_max") for n in (1, 2, 3)},
+}
+
+STANDS_IN_FOR = {
+    # capture writes functional dropout with p=0 (its training flag fixed) as the identity
+    "identity": {"torch.nn.functional.dropout(p=0)":
+                 lambda x: torch.nn.functional.dropout(x, p=0.0, training=True)},
+}
+
+
+def torch_callables(name: str) -> dict[str, Any]:
+    """The entry's torch callables by path; each one capture finds this entry for."""
+    found = {}
+    for path in ops.OPS[name].torch:
+        module, _, attribute = path.rpartition(".")
+        if module == "Tensor":
+            assert ops.tensor_methods()[attribute] == name, path
+            found[path] = getattr(torch.Tensor, attribute)
+        else:
+            found[path] = getattr(importlib.import_module(module), attribute)
+            assert ops.torch_callables()[found[path]] == name, path
+    return {**found, **STANDS_IN_FOR.get(name, {})}
+
+
+def tensors(value: Any, found: dict[str, T]) -> dict[str, T]:
+    """The tensor arguments in ``value`` (nested), by name, in order of appearance."""
+    if isinstance(value, T):
+        assert found.setdefault(value.name, value) == value, f"two tensors named {value.name}"
+    elif isinstance(value, tuple):
+        for v in value:
+            tensors(v, found)
+    return found
+
+
+def draw(t: T, rng: np.random.Generator) -> np.ndarray:
+    """Random values for ``t`` (float64)."""
+    if t.integral:
+        return rng.integers(-4, 5, t.shape).astype(np.float64)
+    return np.asarray(t.scale * rng.standard_normal(t.shape))
+
+
+def bind(value: Any, values: dict[str, Any]) -> Any:
+    """``value`` with each :class:`T` replaced by its array and each ``Slice`` by a ``slice``."""
+    if isinstance(value, T):
+        return values[value.name]
+    if isinstance(value, tuple):
+        return tuple(bind(v, values) for v in value)
+    if isinstance(value, Slice):
+        return slice(value.start, value.stop, value.step)
+    return value
+
+
+def as_ir(value: Any) -> Any:
+    """``value`` as capture records it: each :class:`T` a :class:`~jaxbn.translate.ir.Ref`."""
+    if isinstance(value, T):
+        return Ref(value.name)
+    if isinstance(value, tuple):
+        return tuple(as_ir(v) for v in value)
+    return value
+
+
+def comparable(value: Any) -> Any:
+    """Tensors and arrays as NumPy, ``torch.Size`` as a tuple, sequences element by element."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, (tuple, list)):
+        return tuple(comparable(v) for v in value)
+    if isinstance(value, (int, float, bool)):
+        return value
+    return np.asarray(value)
+
+
+def assert_same(actual: Any, expected: Any, what: str) -> None:
+    """Equal structure, types of Python values, shapes and dtypes; arrays within ``TOL``."""
+    actual, expected = comparable(actual), comparable(expected)
+    if isinstance(expected, tuple):
+        assert isinstance(actual, tuple) and len(actual) == len(expected), (what, actual, expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{what}[{i}]")
+        return
+    if not isinstance(expected, np.ndarray):
+        assert type(actual) is type(expected) and actual == expected, (what, actual, expected)
+        return
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual, expected)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOL, err_msg=what)
+
+
+def written_model(name: str, call: Call, inputs: list[str]) -> tuple[str, Any]:
+    """The source ``emit_source`` writes for a model whose forward is this one call, and its
+    ``Model`` (the source executed)."""
+    block = Block(torch_type="OneOp", torch_path="", inputs=tuple((n, NO_DEFAULT) for n in inputs),
+                  ops=(Op("out", "function", name, as_ir(call.args),
+                          tuple((k, as_ir(v)) for k, v in call.kwargs)),),
+                  output=Ref("out"), children=())
+    source = emit_source(block)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<{name}>", "exec"), namespace)  # noqa: S102 - the emitted file
+    return source, namespace["Model"]()
+
+
+def test_every_entry_has_calls_and_every_call_an_entry():
+    assert set(CALLS) == set(ops.OPS), {"without calls": sorted(set(ops.OPS) - set(CALLS)),
+                                        "not an entry": sorted(set(CALLS) - set(ops.OPS))}
+
+
+@pytest.mark.parametrize("name", sorted(ops.OPS))
+def test_run_and_written_source_equal_torch(name):
+    if name not in CALLS:
+        pytest.fail(f"{name} is an op table entry this test has no calls for: add them to CALLS")
+    rule = ops.OPS[name]
+    callables = torch_callables(name)
+    assert callables, f"{name} replaces no torch callable: say what it stands in for (STANDS_IN_FOR)"
+    rng = np.random.default_rng(seed_of(name))
+    for call in CALLS[name]:
+        arrays = {n: draw(t, rng) for n, t in tensors((call.args, call.kwargs), {}).items()}
+        jax_values = {n: jnp.asarray(a) for n, a in arrays.items()}
+        result = rule.run(*bind(call.args, jax_values), **dict(bind(call.kwargs, jax_values)))
+        applicable = [p for p in callables if call.only is None or p in call.only]
+        assert applicable, (name, call)
+        for path in applicable:
+            torch_values = {n: torch.from_numpy(np.array(a)) for n, a in arrays.items()}
+            expected = callables[path](*bind(call.args, torch_values), **dict(bind(call.kwargs, torch_values)))
+            assert_same(result, expected, f"{name} run vs {path} on {call}")
+        source, model = written_model(name, call, list(arrays))
+        assert_same(model.apply({}, *jax_values.values()), result, f"{name} written as\n{source}")
