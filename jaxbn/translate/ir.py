@@ -60,8 +60,10 @@ class Layer:
       cls: class name in :mod:`.layers`, or for a norm its family's name (the :mod:`jaxbn.linen`
         class, ``BatchNorm`` / ``InstanceNorm``).
       kwargs: constructor arguments (torch's values, read off the module).
-      call_kwargs: arguments of every call (a norm's flipped ``track_running_stats``).
-      takes_train: the call takes ``train=`` (norms, dropout, stochastic depth).
+      call_kwargs: arguments of every call (a norm's flipped ``track_running_stats``; ``train``
+        for a layer whose mode is fixed, e.g. a BatchNorm in eval inside a training model).
+      takes_train: the call takes the caller's ``train=`` (norms, dropout, stochastic depth whose
+        mode follows the model's).
       is_norm: a BatchNorm / InstanceNorm layer (a :mod:`jaxbn.linen` class, core parameters
         always spelled out).
       torch_path, torch_type: where it came from (for messages and audits).

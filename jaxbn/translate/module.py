@@ -39,8 +39,9 @@ class TracedModule(nn.Module):
     """A captured torch module (:class:`~.ir.Block`) as a linen module.
 
     ``__call__(*inputs, train=False)``: torch's forward, with ``train`` in place of
-    ``module.training`` for every norm, dropout and stochastic-depth layer below. Submodules
-    carry the torch attribute names (``Sequential`` children as ``features_0``, ...).
+    ``module.training`` for every norm, dropout and stochastic-depth layer below whose mode was
+    the model's (the others keep their own: :func:`.tracing.fixed_modes`). Submodules carry the
+    torch attribute names (``Sequential`` children as ``features_0``, ...).
     """
 
     block: Block

@@ -74,22 +74,26 @@ def index_source(value: Any, source: Source) -> str:
 
 
 _OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "eq": "=="}
-_IN_PLACE = {"add": ("operator.iadd",), "mul": ("operator.imul",)}
+_IN_PLACE = {"add": ("operator.iadd",), "sub": ("operator.isub",), "mul": ("operator.imul",),
+             "truediv": ("operator.itruediv",), "floordiv": ("operator.ifloordiv",)}
+"""``x += y`` runs as ``x + y``: capture (:mod:`.tracing`) rebinds later reads of ``x`` to the
+result, as for every in-place variant below (``relu_``, ``add_``, ...)."""
 
 _FUNCTIONS: dict[str, tuple[str, ...]] = {
     # torch_ops function: what it replaces ("torch." / "F." / "Tensor." spelled out)
-    "relu": ("torch.relu", "torch.nn.functional.relu", "Tensor.relu"),
+    "relu": ("torch.relu", "torch.nn.functional.relu", "Tensor.relu", "torch.relu_", "Tensor.relu_"),
     "relu6": ("torch.nn.functional.relu6",),
     "hardswish": ("torch.nn.functional.hardswish",),
     "hardsigmoid": ("torch.nn.functional.hardsigmoid",),
     "silu": ("torch.nn.functional.silu",),
-    "sigmoid": ("torch.sigmoid", "torch.nn.functional.sigmoid", "Tensor.sigmoid"),
-    "tanh": ("torch.tanh", "torch.nn.functional.tanh", "Tensor.tanh"),
+    "sigmoid": ("torch.sigmoid", "torch.nn.functional.sigmoid", "Tensor.sigmoid", "torch.sigmoid_",
+                "Tensor.sigmoid_"),
+    "tanh": ("torch.tanh", "torch.nn.functional.tanh", "Tensor.tanh", "torch.tanh_", "Tensor.tanh_"),
     "gelu": ("torch.nn.functional.gelu",),
-    "leaky_relu": ("torch.nn.functional.leaky_relu",),
+    "leaky_relu": ("torch.nn.functional.leaky_relu", "torch.nn.functional.leaky_relu_"),
     "softmax": ("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax"),
-    "add": ("torch.add", "Tensor.add"),
-    "mul": ("torch.mul", "Tensor.mul"),
+    "add": ("torch.add", "Tensor.add", "Tensor.add_"),
+    "mul": ("torch.mul", "Tensor.mul", "Tensor.mul_"),
     "cat": ("torch.cat", "torch.concat"),
     "flatten": ("torch.flatten", "Tensor.flatten"),
     "mean": ("torch.mean", "Tensor.mean"),

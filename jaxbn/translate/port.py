@@ -9,25 +9,44 @@ at entry and exit.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 
 from ..porting import target_from_module, torch_to_flax
+from ..porting.paths import display_name
+from ..porting.report import PortReport
 from ..porting.tensors import tensor_to_numpy
 from . import torch_ops
 from .tracing import capture_mode_independent, check_materialized
 from .module import TracedModule
 
-__all__ = ["Ported", "example_arrays", "from_torch"]
+__all__ = ["Ported", "example_arrays", "from_torch", "frozen_params"]
 
 
-class Ported(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ported:
     """:func:`from_torch`'s result: ``module, variables = ported`` (the captured IR is
-    ``ported.module.block``)."""
+    ``ported.module.block``).
+
+    Attributes:
+      module: the linen module.
+      variables: its variables, ``{'params': ..., 'batch_stats': ...}``.
+      frozen_params: the Flax names (``'params/conv/kernel'``) of the torch parameters with
+        ``requires_grad=False``: what an optimizer must leave alone to train like torch (which
+        computes no gradient for them), e.g. with ``optax.multi_transform`` and
+        ``optax.set_to_zero()`` (docs/porting.md).
+    """
 
     module: TracedModule
     variables: dict
+    frozen_params: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        """``module, variables = ported``."""
+        return iter((self.module, self.variables))
 
 
 def example_arrays(example_input: Any, channels_last: bool = False) -> tuple:
@@ -43,7 +62,11 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
     PyTorch equivalent: the module itself -- ``module.apply(variables, x, train=False)`` is
     ``torch_module.eval()(x)`` and ``module.apply(variables, x, train=True,
     mutable=['batch_stats'])`` is ``torch_module.train()(x)`` with its buffer updates (dropout
-    needs a ``'dropout'`` rng). Every BatchNorm / InstanceNorm becomes a :mod:`jaxbn.linen` layer
+    needs a ``'dropout'`` rng); a module whose mode differs from the model's when translated
+    keeps it under either ``train`` (``model.train(); bn.eval()``: ``bn`` uses its running
+    statistics under ``train=True`` too), as it does in torch after ``torch_module.train(train)``
+    and re-freezing. In-place operations are reproduced (later reads see the change) or refused.
+    Every BatchNorm / InstanceNorm becomes a :mod:`jaxbn.linen` layer
     with the torch layer's *current* ``eps``, ``momentum`` (``None`` too), ``affine``, buffers and
     ``track_running_stats``; variables follow :mod:`jaxbn.porting`'s names, so
     ``flax_to_torch(variables, torch_module, as_torch=True)`` loads back with
@@ -56,7 +79,8 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
       channels_last: the Flax module takes and returns NHWC (rank >= 3) instead.
 
     Returns:
-      :class:`Ported` ``(module, variables)``.
+      :class:`Ported` ``(module, variables)``, with ``frozen_params`` (the parameters torch does
+      not train, ``requires_grad=False``).
 
     Raises:
       UnsupportedError: a module or operation that is not translated, named by path and type.
@@ -66,5 +90,13 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
     module = TracedModule(block, channels_last=channels_last)
     arrays = example_arrays(example_input, channels_last)
     target = target_from_module(module, *arrays, train=False)
-    variables, _ = torch_to_flax(torch_module.state_dict(), target)
-    return Ported(module, variables)
+    variables, report = torch_to_flax(torch_module.state_dict(), target)
+    return Ported(module, variables, frozen_params(torch_module, report))
+
+
+def frozen_params(torch_module: Any, report: PortReport) -> tuple[str, ...]:
+    """The Flax names of ``torch_module``'s parameters with ``requires_grad=False`` (every path
+    of a shared one), from the port's matched pairs."""
+    frozen = {name for name, p in torch_module.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return tuple(display_name(e.flax_path) for e in report.matched if e.torch_key in frozen)

@@ -65,9 +65,21 @@ def leaky_relu(x: jax.Array, negative_slope: float = 0.01, inplace: bool = False
     return jnp.where(x >= 0, x, x * negative_slope)
 
 
-def softmax(x: jax.Array, dim: int, dtype: Any = None) -> jax.Array:
-    """``F.softmax`` / ``Tensor.softmax``."""
-    return jax.nn.softmax(x if dtype is None else x.astype(dtype), axis=dim)
+def softmax(x: jax.Array, dim: int | None = None, _stacklevel: Any = 3, dtype: Any = None) -> jax.Array:
+    """``F.softmax(input, dim=None, _stacklevel=3, dtype=None)``, ``torch.softmax(input, dim,
+    dtype)`` and ``Tensor.softmax(dim, dtype)`` (their third positional argument is the dtype).
+
+    ``dim=None`` is torch's implicit choice (``F._get_softmax_dim``): axis 0 for 0-, 1- and 3-d
+    inputs, else axis 1.
+    """
+    if not isinstance(_stacklevel, int):  # torch.softmax(x, dim, dtype)
+        dtype = _stacklevel
+    if dim is None:
+        dim = 0 if x.ndim in (0, 1, 3) else 1
+    x = x if dtype is None else x.astype(dtype)
+    if x.ndim == 0:  # torch: a 0-d tensor is its own single slice
+        return jax.nn.softmax(x.reshape(1), axis=0).reshape(())
+    return jax.nn.softmax(x, axis=dim)
 
 
 # ---------------------------------------------------------------- shapes
