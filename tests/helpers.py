@@ -242,3 +242,71 @@ def assert_grads_match(jax_grads: tuple, torch_grads_: tuple, tol: float, what: 
         diff = max(diff, assert_close(dparams.weight, tdw, tol, f"{what} dweight"),
                    assert_close(dparams.bias, tdb, tol, f"{what} dbias"))
     return diff
+
+
+# ---------------------------------------------------------------- a torch model trained beside its port
+
+
+def perturbed(model: torch.nn.Module, relative: float = 1e-15) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter scaled by ``1 + relative * N(0, 1)``: rerunning
+    torch on it measures torch's own sensitivity, the scale a tolerance must be judged against."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + relative * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def rel_diff(a: Any, b: Any) -> float:
+    """max |a - b| / max(1, max |b|)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
+
+
+def torch_sgd_steps(model: torch.nn.Module, xs: list, ys: list, lr: float, *,
+                    train: bool = True) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """SGD steps (cross-entropy) on a copy of ``model``: per-step logits, final ``state_dict``.
+    ``train=True`` calls ``.train()`` on the copy first; ``False`` keeps the modes it is in
+    (frozen layers stay frozen)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    if train:
+        model.train()
+    outs = []
+    for x, y in zip(xs, ys):
+        model.zero_grad()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        outs.append(out.detach().numpy())
+    return outs, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def jax_sgd_steps(module: Any, variables: dict, xs: list, ys: list,
+                  lr: float) -> tuple[list[np.ndarray], dict]:
+    """The same steps on a translated linen module (``train=True``): per-step logits, final
+    variables."""
+
+    @jax.jit
+    def step(v, x, y):
+        def loss(params):
+            out, updates = module.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            logp = jax.nn.log_softmax(out)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out, updates)
+
+        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, v["params"], grads)
+        return out, {**v, **updates, "params": params}
+
+    outs = []
+    for x, y in zip(xs, ys):
+        out, variables = step(variables, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        outs.append(np.asarray(out))
+    return outs, variables

@@ -20,9 +20,10 @@ from . import torch_ops as F
 from .ir import Layer
 
 __all__ = [
-    "AdaptiveAvgPool", "AdaptiveMaxPool", "AvgPool", "Conv", "Dropout", "Flatten", "GELU",
-    "Hardsigmoid", "Hardswish", "Identity", "LeakyReLU", "Linear", "MaxPool", "ReLU", "ReLU6",
-    "SiLU", "Sigmoid", "Softmax", "StochasticDepth", "Tanh", "build_layer", "layer_class",
+    "AdaptiveAvgPool", "AdaptiveMaxPool", "AvgPool", "Conv", "ConvTranspose", "Dropout", "FeatureDropout",
+    "Flatten", "GELU", "GroupNorm", "Hardsigmoid", "Hardswish", "Identity", "LayerNorm",
+    "LeakyReLU", "Linear", "MaxPool", "PReLU", "Pad", "ReLU", "ReLU6", "SiLU", "Sigmoid", "Softmax",
+    "StochasticDepth", "Tanh", "Upsample", "build_layer", "layer_class",
 ]
 
 
@@ -62,6 +63,59 @@ class Conv(nn.Module):
                       F.spatial_tuple(self.dilation, spatial), self.groups, self.padding_mode)
 
 
+class ConvTranspose(nn.Module):
+    """``torch.nn.ConvTranspose{1,2,3}d`` (``len(kernel_size)`` = 1, 2, 3) on ``(N, C, *spatial)``.
+
+    Variables: ``params: {kernel (*kernel_size, out_channels / groups, in_channels), bias}`` --
+    torch's weight ``(in, out / groups, *k)`` with a conv kernel's axis move
+    (:mod:`jaxbn.porting.layouts`).
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    output_padding: tuple[int, ...] = (0, 0)
+    groups: int = 1
+    bias: bool = True
+    dilation: tuple[int, ...] = (1, 1)
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_size: Any = None) -> jax.Array:
+        """``output_size`` (torch's forward argument; its last ``spatial`` sizes count) picks
+        the output padding instead of ``output_padding``, in torch's allowed range."""
+        spatial = len(self.kernel_size)
+        fan_in = self.out_channels // self.groups * math.prod(self.kernel_size)  # torch's weight.size(1) * k
+        kernel = self.param("kernel", _uniform_fan_in(fan_in),
+                            (*self.kernel_size, self.out_channels // self.groups, self.in_channels),
+                            self.param_dtype)
+        bias = self.param("bias", _uniform_fan_in(fan_in), (self.out_channels,),
+                          self.param_dtype) if self.bias else None
+        def axes(value):
+            return F.spatial_tuple(value, spatial)
+
+        stride, padding, dilation = axes(self.stride), axes(self.padding), axes(self.dilation)
+        output_padding = axes(self.output_padding)
+        if output_size is not None:
+            output_padding = _output_padding(x.shape[2:], tuple(output_size)[-spatial:], stride,
+                                             padding, self.kernel_size, dilation)
+        return F.conv_transpose(x, kernel, bias, stride, padding, output_padding, self.groups, dilation)
+
+
+def _output_padding(sizes, wanted, stride, padding, kernel, dilation) -> tuple[int, ...]:
+    """torch's ``_ConvTransposeNd._output_padding``: ``output_size`` minus the smallest output,
+    which must be less than ``stride`` (else ``ValueError``, as torch)."""
+    smallest = [(n - 1) * s - 2 * p + d * (k - 1) + 1
+                for n, s, p, k, d in zip(sizes, stride, padding, kernel, dilation)]
+    if len(wanted) != len(smallest) or not all(
+            m <= int(w) < m + s for w, m, s in zip(wanted, smallest, stride)):
+        raise ValueError(f"ConvTranspose: output_size {wanted} is not between {smallest} and "
+                         f"{[m + s - 1 for m, s in zip(smallest, stride)]}")
+    return tuple(int(w) - m for w, m in zip(wanted, smallest))
+
+
 class Linear(nn.Module):
     """``torch.nn.Linear``. Variables: ``params: {kernel (in, out), bias}``."""
 
@@ -76,6 +130,46 @@ class Linear(nn.Module):
         kernel = self.param("kernel", init, (self.in_features, self.out_features), self.param_dtype)
         bias = self.param("bias", init, (self.out_features,), self.param_dtype) if self.bias else None
         return F.linear(x, kernel, bias)
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm``: ``(x - mean) / sqrt(var + eps) * weight + bias`` over the last
+    ``len(normalized_shape)`` axes (biased variance). Variables: ``params: {weight, bias}`` of
+    ``normalized_shape`` (``elementwise_affine=False``: neither; ``bias=False``: no bias), torch's
+    init (ones, zeros)."""
+
+    normalized_shape: tuple[int, ...]
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = tuple(self.normalized_shape)
+        weight = self.param("weight", nn.initializers.ones, shape, self.param_dtype) \
+            if self.elementwise_affine else None
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) \
+            if self.elementwise_affine and self.bias else None
+        return F.layer_norm(x, shape, weight, bias, self.eps)
+
+
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm`` on ``(N, C, *)``: :func:`~.torch_ops.group_norm`. Variables:
+    ``params: {weight (C,), bias (C,)}`` when ``affine``, torch's init (ones, zeros)."""
+
+    num_groups: int
+    num_channels: int
+    eps: float = 1e-5
+    affine: bool = True
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.num_channels,)
+        weight = self.param("weight", nn.initializers.ones, shape, self.param_dtype) if self.affine else None
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) if self.affine else None
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 class MaxPool(nn.Module):
@@ -202,6 +296,22 @@ class LeakyReLU(nn.Module):
         return F.leaky_relu(x, self.negative_slope)
 
 
+class PReLU(nn.Module):
+    """``torch.nn.PReLU``: ``x if x > 0 else weight * x`` with a trainable ``weight`` of
+    ``num_parameters`` values (1, or one per channel on axis 1), initialized to ``init``.
+    Variables: ``params: {weight (num_parameters,)}``."""
+
+    num_parameters: int = 1
+    init: float = 0.25
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", lambda key, shape, dtype: jnp.full(shape, self.init, dtype),
+                            (self.num_parameters,), self.param_dtype)
+        return F.prelu(x, weight)
+
+
 class Softmax(nn.Module):
     """``torch.nn.Softmax``."""
 
@@ -221,6 +331,35 @@ class Flatten(nn.Module):
         return F.flatten(x, self.start_dim, self.end_dim)
 
 
+class Upsample(nn.Module):
+    """``torch.nn.Upsample`` (and ``UpsamplingNearest2d``, ``UpsamplingBilinear2d``, which are
+    ``Upsample`` with ``mode='nearest'`` / ``mode='bilinear', align_corners=True``):
+    :func:`~.torch_ops.interpolate`."""
+
+    size: Any = None
+    scale_factor: Any = None
+    mode: str = "nearest"
+    align_corners: bool | None = None
+    recompute_scale_factor: bool | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
+
+
+class Pad(nn.Module):
+    """``torch.nn.ZeroPad``/``ConstantPad``/``ReflectionPad``/``ReplicationPad``/
+    ``CircularPad{1,2,3}d``: :func:`~.torch_ops.pad` with the layer's ``padding`` (torch's
+    ``(last_low, last_high, ...)``), ``mode`` and ``value``."""
+
+    padding: tuple[int, ...]
+    mode: str = "constant"
+    value: float = 0.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return F.pad(x, self.padding, self.mode, self.value if self.mode == "constant" else None)
+
+
 class Dropout(nn.Module):
     """``torch.nn.Dropout``: zeroes with probability ``p`` and scales by ``1 / (1 - p)`` when
     training (draws from the ``'dropout'`` rng); the identity in eval or with ``p = 0``."""
@@ -230,6 +369,28 @@ class Dropout(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return nn.Dropout(rate=self.p, deterministic=not train or self.p == 0)(x)
+
+
+class FeatureDropout(nn.Module):
+    """``torch.nn.Dropout1d/2d/3d`` (``spatial`` = 1, 2, 3) on ``(N, C, *spatial)``: when
+    training, zeroes whole channels (one draw per sample and channel) with probability ``p`` and
+    scales the others by ``1 / (1 - p)`` (``'dropout'`` rng); the identity in eval or with
+    ``p = 0``. An input without the batch axis is refused (torch's rank-dependent handling)."""
+
+    p: float = 0.5
+    spatial: int = 2
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != self.spatial + 2:
+            from ..porting.errors import UnsupportedError
+
+            raise UnsupportedError(f"Dropout{self.spatial}d on a {x.ndim}-d input is not supported "
+                                   f"(only batched {self.spatial + 2}-d inputs)")
+        if not train or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        keep = jax.random.bernoulli(self.make_rng("dropout"), survival, x.shape[:2] + (1,) * self.spatial)
+        return x * (keep.astype(x.dtype) / survival if survival > 0.0 else keep.astype(x.dtype))
 
 
 class StochasticDepth(nn.Module):

@@ -73,7 +73,8 @@ def index_source(value: Any, source: Source) -> str:
     return source(value)
 
 
-_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "eq": "=="}
+_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "eq": "==",
+              "matmul": "@"}
 _IN_PLACE = {"add": ("operator.iadd",), "sub": ("operator.isub",), "mul": ("operator.imul",),
              "truediv": ("operator.itruediv",), "floordiv": ("operator.ifloordiv",)}
 """``x += y`` runs as ``x + y``: capture (:mod:`.tracing`) rebinds later reads of ``x`` to the
@@ -91,10 +92,14 @@ _FUNCTIONS: dict[str, tuple[str, ...]] = {
     "tanh": ("torch.tanh", "torch.nn.functional.tanh", "Tensor.tanh", "torch.tanh_", "Tensor.tanh_"),
     "gelu": ("torch.nn.functional.gelu",),
     "leaky_relu": ("torch.nn.functional.leaky_relu", "torch.nn.functional.leaky_relu_"),
+    "prelu": ("torch.nn.functional.prelu", "torch.prelu"),
     "softmax": ("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax"),
     "add": ("torch.add", "Tensor.add", "Tensor.add_"),
     "mul": ("torch.mul", "Tensor.mul", "Tensor.mul_"),
     "cat": ("torch.cat", "torch.concat"),
+    "matmul": ("torch.matmul", "Tensor.matmul"),
+    "bmm": ("torch.bmm", "Tensor.bmm"),
+    "einsum": ("torch.einsum",),
     "flatten": ("torch.flatten", "Tensor.flatten"),
     "mean": ("torch.mean", "Tensor.mean"),
     "sum": ("torch.sum", "Tensor.sum"),
@@ -103,11 +108,18 @@ _FUNCTIONS: dict[str, tuple[str, ...]] = {
     "reshape": ("torch.reshape", "Tensor.reshape"),
     "view": ("Tensor.view",),
     "chunk": ("torch.chunk", "Tensor.chunk"),
+    "split": ("torch.split", "Tensor.split"),
+    "expand": ("Tensor.expand",),
+    "expand_as": ("Tensor.expand_as",),
     "squeeze": ("torch.squeeze", "Tensor.squeeze"),
     "unsqueeze": ("torch.unsqueeze", "Tensor.unsqueeze"),
     "size": ("Tensor.size",),
     "dim": ("Tensor.dim",),
     "contiguous": ("Tensor.contiguous",),
+    "interpolate": ("torch.nn.functional.interpolate",),
+    "pad": ("torch.nn.functional.pad",),
+    "layer_norm": ("torch.nn.functional.layer_norm", "torch.layer_norm"),
+    "group_norm": ("torch.nn.functional.group_norm", "torch.group_norm"),
     **{f"{stem}{n}d": (f"torch.nn.functional.{stem}{n}d",)
        for stem in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") for n in (1, 2, 3)},
 }

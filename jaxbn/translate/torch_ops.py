@@ -8,6 +8,7 @@ follow torch's formulas exactly (``ceil_mode``, ``count_include_pad``, adaptive 
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +64,16 @@ def gelu(x: jax.Array, approximate: str = "none") -> jax.Array:
 def leaky_relu(x: jax.Array, negative_slope: float = 0.01, inplace: bool = False) -> jax.Array:
     """``F.leaky_relu``."""
     return jnp.where(x >= 0, x, x * negative_slope)
+
+
+def prelu(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``F.prelu``: ``x if x > 0 else weight * x``, ``weight`` (one value, or one per channel)
+    along axis 1 (a 0-d or 1-d input: one channel)."""
+    if weight.size > 1:
+        if x.ndim < 2 or x.shape[1] != weight.size:
+            raise ValueError(f"prelu: {weight.size} parameters for an input of shape {x.shape}")
+        weight = weight.reshape((-1,) + (1,) * (x.ndim - 2))
+    return jnp.where(x > 0, x, weight * x)
 
 
 def softmax(x: jax.Array, dim: int | None = None, _stacklevel: Any = 3, dtype: Any = None) -> jax.Array:
@@ -157,6 +168,47 @@ def chunk(x: jax.Array, chunks: int, dim: int = 0) -> tuple[jax.Array, ...]:
                  for i in range(0, x.shape[dim], step))
 
 
+def split(x: jax.Array, split_size_or_sections: Any, dim: int = 0) -> tuple[jax.Array, ...]:
+    """``torch.split`` / ``Tensor.split``: pieces of ``split_size`` (the last one smaller), or of
+    the listed sizes (which must add up to the axis' size, as torch requires)."""
+    n = x.shape[dim]
+    if isinstance(split_size_or_sections, (tuple, list)):
+        sizes = [int(s) for s in split_size_or_sections]
+        if builtins.sum(sizes) != n or builtins.min(sizes, default=0) < 0:
+            raise ValueError(f"split: sizes {sizes} do not add up to the size {n} of dim {dim}")
+    else:
+        step = int(split_size_or_sections)
+        if step < 0 or (step == 0 and n != 0):
+            raise ValueError(f"split: split_size {step} must be positive")
+        sizes = [step] * (n // step) + ([n % step] if n % step else []) if step else [0]
+    starts = np.cumsum([0] + sizes[:-1])
+    return tuple(lax.slice_in_dim(x, int(a), int(a) + s, axis=dim) for a, s in zip(starts, sizes))
+
+
+def expand(x: jax.Array, *sizes: Any) -> jax.Array:
+    """``Tensor.expand(*sizes)``: broadcast to ``sizes`` (``-1`` keeps an existing axis' size;
+    new axes go in front and cannot be ``-1``; only size-1 axes grow)."""
+    sizes = _shape_arguments(sizes)
+    lead = len(sizes) - x.ndim
+    if lead < 0:
+        raise ValueError(f"expand: {len(sizes)} sizes for a tensor of rank {x.ndim}")
+    shape = []
+    for i, s in enumerate(sizes):
+        if s == -1:
+            if i < lead:
+                raise ValueError("expand: -1 is not allowed for a new leading dimension")
+            s = x.shape[i - lead]
+        elif i >= lead and x.shape[i - lead] not in (1, s):
+            raise ValueError(f"expand: size {x.shape[i - lead]} of dim {i - lead} cannot become {s}")
+        shape.append(s)
+    return jnp.broadcast_to(x, tuple(shape))
+
+
+def expand_as(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``Tensor.expand_as(other)``: ``x.expand(other.size())``."""
+    return expand(x, tuple(other.shape))
+
+
 def mean(x: jax.Array, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> jax.Array:
     """``torch.mean``."""
     return jnp.mean(x, axis=_axes(dim), keepdims=keepdim, dtype=dtype)
@@ -179,6 +231,26 @@ def add(x: Any, other: Any, alpha: float = 1) -> Any:
 def mul(x: Any, other: Any) -> Any:
     """``torch.mul``."""
     return x * other
+
+
+def matmul(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``torch.matmul`` / ``@`` (1-d operands, batch broadcasting: NumPy's rules, as torch's),
+    at full precision (torch does not use TF32 for matmul by default)."""
+    return jnp.matmul(x, other, precision=lax.Precision.HIGHEST)
+
+
+def bmm(x: jax.Array, mat2: jax.Array) -> jax.Array:
+    """``torch.bmm``: ``(b, n, m) @ (b, m, p)``, both 3-d (torch refuses others)."""
+    if x.ndim != 3 or mat2.ndim != 3:
+        raise ValueError(f"bmm: both operands must be 3-d, got {x.ndim}-d and {mat2.ndim}-d")
+    return jnp.matmul(x, mat2, precision=lax.Precision.HIGHEST)
+
+
+def einsum(equation: str, *operands: Any) -> jax.Array:
+    """``torch.einsum(equation, *operands)`` (or the operands as one list), full precision."""
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = tuple(operands[0])
+    return jnp.einsum(equation, *operands, precision=lax.Precision.HIGHEST)
 
 
 def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -316,6 +388,136 @@ adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
     _spatial_variant(adaptive_max_pool, n) for n in (1, 2, 3))
 
 
+# ---------------------------------------------------------------- resampling, padding
+
+_LINEAR_MODES = {"linear": 1, "bilinear": 2, "trilinear": 3}
+
+
+def interpolate(x: jax.Array, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                align_corners: bool | None = None, recompute_scale_factor: bool | None = None,
+                antialias: bool = False) -> jax.Array:
+    """``F.interpolate`` (``nn.Upsample``) on ``(N, C, *spatial)``: ``mode='nearest'`` (torch's
+    legacy nearest, ``floor(dst * scale)`` in float32, not ``'nearest-exact'``) and
+    ``'linear'`` / ``'bilinear'`` / ``'trilinear'`` (torch's source index, clamped at 0 unless
+    ``align_corners``), with torch's output size and scales: ``floor(in * scale_factor)``, and the
+    given ``scale_factor`` used for the indices unless ``recompute_scale_factor`` (or ``size``)."""
+    from ..porting.errors import UnsupportedError
+
+    spatial = x.ndim - 2
+    if mode not in ("nearest", *_LINEAR_MODES):
+        raise UnsupportedError(f"F.interpolate: mode={mode!r} is not supported (only 'nearest', "
+                               "'linear', 'bilinear', 'trilinear')")
+    if mode != "nearest" and _LINEAR_MODES[mode] != spatial:
+        raise ValueError(f"F.interpolate: mode {mode!r} needs a {_LINEAR_MODES[mode] + 2}-d input")
+    if antialias:
+        raise UnsupportedError("F.interpolate: antialias=True is not supported")
+    if (size is None) == (scale_factor is None):
+        raise ValueError("F.interpolate: exactly one of size and scale_factor must be given")
+    if size is not None:
+        outs = spatial_tuple(size, spatial)
+        scales: tuple[Any, ...] = (None,) * spatial
+    else:
+        factors = tuple(float(f) for f in scale_factor) if isinstance(scale_factor, (tuple, list)) \
+            else (float(scale_factor),) * spatial
+        outs = tuple(math.floor(n * f) for n, f in zip(x.shape[2:], factors))
+        scales = (None,) * spatial if recompute_scale_factor else factors
+    for axis, (n, out, scale) in enumerate(zip(x.shape[2:], outs, scales), start=2):
+        if mode == "nearest":
+            x = jnp.take(x, jnp.asarray(_nearest_indices(n, out, scale)), axis=axis)
+        else:
+            x = _linear_along(x, axis, n, out, scale, bool(align_corners))
+    return x
+
+
+def _nearest_indices(n: int, out: int, scale: float | None) -> np.ndarray:
+    """torch's ``nearest_idx``: ``min(floor(dst * s), n - 1)`` with ``s`` = ``1 / scale_factor``
+    or ``n / out``, all in float32 (and the shortcuts for ``out == n`` and ``out == 2n``)."""
+    dst = np.arange(out)
+    if out == n:
+        return dst
+    if out == 2 * n:
+        return dst >> 1
+    s = np.float32(1.0 / scale) if scale is not None and scale > 0 else np.float32(n) / np.float32(out)
+    return np.minimum(np.floor(dst.astype(np.float32) * s).astype(np.int64), n - 1)
+
+
+def _linear_along(x: jax.Array, axis: int, n: int, out: int, scale: float | None,
+                  align_corners: bool) -> jax.Array:
+    """Linear interpolation along one axis with torch's ``area_pixel_compute_source_index``,
+    computed in torch's opmath type (float64 for float64 inputs, else float32)."""
+    t = np.float64 if x.dtype == jnp.float64 else np.float32
+    if align_corners:
+        s = t(n - 1) / t(out - 1) if out > 1 else t(0)
+        source = s * np.arange(out, dtype=t)
+    else:
+        s = t(1.0 / scale) if scale is not None and scale > 0 else t(n) / t(out)
+        source = np.maximum(s * (np.arange(out, dtype=t) + t(0.5)) - t(0.5), t(0))
+    low = np.minimum(np.floor(source).astype(np.int64), n - 1)
+    high = low + (low < n - 1)
+    weight_high = np.clip(source - low.astype(t), t(0), t(1))
+    weight_low = t(1) - weight_high
+    shape = (-1,) + (1,) * (x.ndim - 1 - axis)
+    return (jnp.take(x, jnp.asarray(low), axis=axis) * jnp.asarray(weight_low.reshape(shape), x.dtype)
+            + jnp.take(x, jnp.asarray(high), axis=axis) * jnp.asarray(weight_high.reshape(shape), x.dtype))
+
+
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def pad(x: jax.Array, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> jax.Array:
+    """``F.pad``: ``pad = (last_low, last_high, second_last_low, ...)``; ``mode`` ``'constant'``
+    (with ``value``, default 0), ``'reflect'``, ``'replicate'`` or ``'circular'``. A negative pad
+    removes elements from that side."""
+    pad = [int(p) for p in pad]
+    if len(pad) % 2 or len(pad) // 2 > x.ndim:
+        raise ValueError(f"F.pad: {len(pad)} pads for a tensor of rank {x.ndim}")
+    pairs = [(0, 0)] * (x.ndim - len(pad) // 2) + [
+        (pad[2 * i], pad[2 * i + 1]) for i in reversed(range(len(pad) // 2))]
+    if mode == "constant":
+        fill = jnp.asarray(0 if value is None else value, x.dtype)
+        return lax.pad(x, fill, [(lo, hi, 0) for lo, hi in pairs])
+    if mode not in _PAD_MODES:
+        raise ValueError(f"F.pad: unknown mode {mode!r}")
+    # crop the negative sides, then pad the positive ones
+    x = x[tuple(slice(max(-lo, 0), x.shape[i] - max(-hi, 0)) for i, (lo, hi) in enumerate(pairs))]
+    return jnp.pad(x, [(max(lo, 0), max(hi, 0)) for lo, hi in pairs], mode=_PAD_MODES[mode])
+
+
+# ---------------------------------------------------------------- layer and group norm
+
+
+def _normalized(x: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps)`` over ``axes``, with the biased variance."""
+    mu = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), axis=axes, keepdims=True)
+    return (x - mu) / jnp.sqrt(var + eps)
+
+
+def layer_norm(x: jax.Array, normalized_shape: Any, weight: jax.Array | None = None,
+               bias: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
+    """``F.layer_norm``: normalized over the last ``len(normalized_shape)`` axes, then
+    ``* weight + bias`` (each of ``normalized_shape``)."""
+    shape = spatial_tuple(normalized_shape, 1)
+    if tuple(x.shape[x.ndim - len(shape):]) != shape:
+        raise ValueError(f"layer_norm: normalized_shape {shape} does not end the shape {x.shape}")
+    y = _normalized(x, tuple(range(x.ndim - len(shape), x.ndim)), eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def group_norm(x: jax.Array, num_groups: int, weight: jax.Array | None = None,
+               bias: jax.Array | None = None, eps: float = 1e-5) -> jax.Array:
+    """``F.group_norm`` on ``(N, C, *)``: each sample's channels in ``num_groups`` groups,
+    normalized over the group's channels and positions, then ``* weight + bias`` per channel."""
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels are not divisible into {num_groups} groups")
+    y = _normalized(x.reshape(n, num_groups, -1), (2,), eps).reshape(x.shape)
+    per_channel = (-1,) + (1,) * (x.ndim - 2)
+    y = y if weight is None else y * weight.reshape(per_channel)
+    return y if bias is None else y + bias.reshape(per_channel)
+
+
 # ---------------------------------------------------------------- convolution, linear
 
 
@@ -340,6 +542,38 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stride: Sequen
     )
     y = lax.conv_general_dilated(x, kernel, tuple(stride), pads, rhs_dilation=tuple(dilation),
                                  dimension_numbers=numbers, feature_group_count=groups)
+    if bias is not None:
+        y = y + bias.reshape((-1,) + (1,) * spatial)
+    return y
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stride: Sequence[int],
+                   padding: Sequence[int], output_padding: Sequence[int], groups: int,
+                   dilation: Sequence[int]) -> jax.Array:
+    """``F.conv_transpose{1,2,3}d`` on ``(N, C, *spatial)`` with a Flax-layout kernel
+    ``(*k, out_channels / groups, in_channels)`` (torch's ``(in, out / groups, *k)`` moved as a
+    conv kernel's axes are: :mod:`jaxbn.porting.layouts`). Output size per axis:
+    ``(n - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
+
+    Computed as torch defines it, the gradient of a convolution: the input dilated by
+    ``stride``, padded by ``dilation * (k - 1) - padding`` (plus ``output_padding`` on the
+    right), convolved with the kernel flipped and its in/out axes swapped within each group.
+    """
+    spatial = kernel.ndim - 2
+    k = kernel.shape[:spatial]
+    w = jnp.transpose(kernel, (spatial + 1, spatial, *range(spatial)))  # torch's (in, out/g, *k)
+    cin, cout_g = w.shape[:2]
+    w = w.reshape(groups, cin // groups, cout_g, *k).swapaxes(1, 2)
+    w = w.reshape(groups * cout_g, cin // groups, *k)
+    w = jnp.flip(w, axis=tuple(range(2, spatial + 2)))
+    pads = [(d * (n - 1) - p, d * (n - 1) - p + o)
+            for n, p, o, d in zip(k, padding, output_padding, dilation)]
+    numbers = lax.ConvDimensionNumbers(lhs_spec=tuple(range(spatial + 2)),
+                                       rhs_spec=tuple(range(spatial + 2)),
+                                       out_spec=tuple(range(spatial + 2)))
+    y = lax.conv_general_dilated(x, w, (1,) * spatial, pads, lhs_dilation=tuple(stride),
+                                 rhs_dilation=tuple(dilation), dimension_numbers=numbers,
+                                 feature_group_count=groups)
     if bias is not None:
         y = y + bias.reshape((-1,) + (1,) * spatial)
     return y

@@ -84,6 +84,14 @@ def _layer(module: Any, path: str) -> Layer:
                       bias=module.bias is not None, padding_mode=module.padding_mode,
                       param_dtype=_dtype(module.weight))
         return Layer("Conv", tuple((k, _plain(v)) for k, v in kwargs.items()), **where)
+    if isinstance(module, _ConvNd) and module.transposed and not isinstance(
+            module, tnn.modules.lazy.LazyModuleMixin):
+        kwargs = dict(in_channels=module.in_channels, out_channels=module.out_channels,
+                      kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                      output_padding=module.output_padding, groups=module.groups,
+                      bias=module.bias is not None, dilation=module.dilation,
+                      param_dtype=_dtype(module.weight))
+        return Layer("ConvTranspose", tuple((k, _plain(v)) for k, v in kwargs.items()), **where)
     if isinstance(module, tnn.Linear) and not isinstance(module, tnn.modules.lazy.LazyModuleMixin):
         kwargs = dict(in_features=module.in_features, out_features=module.out_features,
                       bias=module.bias is not None, param_dtype=_dtype(module.weight))
@@ -93,6 +101,27 @@ def _layer(module: Any, path: str) -> Layer:
         return dataclasses.replace(pool, **where)
     if type(module) is tnn.Dropout:
         return Layer("Dropout", (("p", float(module.p)),), takes_train=True, **where)
+    if type(module) in (tnn.Dropout1d, tnn.Dropout2d, tnn.Dropout3d):
+        return Layer("FeatureDropout", (("p", float(module.p)), ("spatial", int(type(module).__name__[-2]))),
+                     takes_train=True, **where)
+    if type(module) is tnn.LayerNorm:
+        kwargs = dict(normalized_shape=tuple(module.normalized_shape), eps=float(module.eps),
+                      elementwise_affine=module.elementwise_affine, bias=module.bias is not None,
+                      param_dtype=_first_dtype(module.weight, module.bias))
+        return Layer("LayerNorm", tuple(kwargs.items()), **where)
+    if type(module) is tnn.GroupNorm:
+        kwargs = dict(num_groups=module.num_groups, num_channels=module.num_channels,
+                      eps=float(module.eps), affine=module.affine,
+                      param_dtype=_first_dtype(module.weight, module.bias))
+        return Layer("GroupNorm", tuple(kwargs.items()), **where)
+    pad_mode = _PAD_LAYERS.get(type(module).__name__[:-2]) if type(module).__module__.startswith(
+        "torch.nn.modules") else None
+    if pad_mode is not None:
+        return Layer("Pad", (("padding", _plain(module.padding)), ("mode", pad_mode),
+                             ("value", float(getattr(module, "value", 0.0)))), **where)
+    if type(module) is tnn.PReLU:
+        return Layer("PReLU", (("num_parameters", module.num_parameters), ("init", float(module.init)),
+                               ("param_dtype", _dtype(module.weight))), **where)
     if type(module).__name__ == "StochasticDepth" and type(module).__module__.startswith("torchvision"):
         return Layer("StochasticDepth", (("p", float(module.p)), ("mode", module.mode)),
                      takes_train=True, **where)
@@ -105,8 +134,15 @@ _SIMPLE_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Tanh": ("Tanh", ()), "Identity": ("Identity", ()), "GELU": ("GELU", ("approximate",)),
     "LeakyReLU": ("LeakyReLU", ("negative_slope",)), "Softmax": ("Softmax", ("dim",)),
     "Flatten": ("Flatten", ("start_dim", "end_dim")),
+    **{name: ("Upsample", ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor"))
+       for name in ("Upsample", "UpsamplingNearest2d", "UpsamplingBilinear2d")},
 }
 """torch.nn layers without parameters whose linen twin takes the same attributes."""
+
+
+_PAD_LAYERS = {"ZeroPad": "constant", "ConstantPad": "constant", "ReflectionPad": "reflect",
+               "ReplicationPad": "replicate", "CircularPad": "circular"}
+"""torch.nn padding layers (``ZeroPad2d``, ...) by name without ``{1,2,3}d``: their ``F.pad`` mode."""
 
 
 def _pool_layer(module: Any) -> Layer | None:

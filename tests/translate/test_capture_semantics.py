@@ -24,6 +24,7 @@ from torch import nn
 import jaxbn
 from jaxbn import porting
 from jaxbn.porting import UnsupportedError
+from helpers import jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 
 F64 = torch.float64
 _LIBRARY = []
@@ -63,56 +64,7 @@ def assert_eval_matches(model, x, atol=1e-12):
     np.testing.assert_allclose(apply_eval(model, x), torch_eval(model, x), rtol=0, atol=atol)
 
 
-def rel_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
-
-
 # ---------------------------------------------------------------- training with the modes kept
-
-
-def torch_steps(model, xs, ys, lr):
-    """SGD steps (cross-entropy) on a copy *in the modes the model is in* (no ``.train()``)."""
-    model = copy.deepcopy(model)
-    outs = []
-    for x, y in zip(xs, ys):
-        model.zero_grad()
-        out = model(x)
-        F.cross_entropy(out, y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        outs.append(out.detach().numpy())
-    return outs, {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def jax_steps(module, variables, xs, ys, lr):
-    @jax.jit
-    def step(v, x, y):
-        def loss(params):
-            out, updates = module.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            logp = jax.nn.log_softmax(out)
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out, updates)
-
-        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
-        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, v["params"], grads)
-        return out, {**v, **updates, "params": params}
-
-    outs = []
-    for x, y in zip(xs, ys):
-        out, variables = step(variables, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
-        outs.append(np.asarray(out))
-    return outs, variables
-
-
-def perturbed(model, relative=1e-15):
-    model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + relative * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
 
 
 def batches(n, shape, classes, seed=3):
@@ -149,9 +101,9 @@ def test_resnet18_with_frozen_batchnorms_trains_like_torch():
     xs, ys = batches(2, (8, 3, 32, 32), 10)
     module, variables = jaxbn.from_torch(model, xs[0])
     assert model.training and not model.bn1.training  # from_torch leaves the modes alone
-    t_out, t_state = torch_steps(model, xs, ys, lr=0.1)
-    p_out, p_state = torch_steps(perturbed(model), xs, ys, lr=0.1)
-    j_out, j_vars = jax_steps(module, variables, xs, ys, lr=0.1)
+    t_out, t_state = torch_sgd_steps(model, xs, ys, lr=0.1, train=False)
+    p_out, p_state = torch_sgd_steps(perturbed(model), xs, ys, lr=0.1, train=False)
+    j_out, j_vars = jax_sgd_steps(module, variables, xs, ys, lr=0.1)
     j_state, _ = porting.flax_to_torch(j_vars, model)
     sens_logits = max(rel_diff(p, t) for p, t in zip(p_out, t_out))
     sens_state = max(rel_diff(p_state[k], t_state[k]) for k in t_state)
@@ -576,7 +528,7 @@ def test_frozen_parameters_are_reported_and_an_optax_mask_trains_like_torch():
         steps, opt_state = tx.update(grads, opt_state)
         variables = {**variables, **updates, "params": optax.apply_updates(variables["params"], steps)}
 
-    _, t_state = torch_steps(net, xs, ys, lr=0.1)
+    _, t_state = torch_sgd_steps(net, xs, ys, lr=0.1, train=False)
     j_state, _ = porting.flax_to_torch(variables, net)
     np.testing.assert_array_equal(j_state["conv.weight"], net.conv.weight.detach().numpy())
     for key in t_state:

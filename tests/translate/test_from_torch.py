@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import jaxbn
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 from jaxbn import porting, translate
 from jaxbn.porting import UnsupportedError
 
@@ -31,64 +31,12 @@ F64 = torch.float64
 # ---------------------------------------------------------------- torch and JAX training runs
 
 
-def torch_steps(model, xs, ys, lr):
-    """Three SGD steps (cross-entropy) in train mode on a copy: per-step logits, final state."""
-    model = copy.deepcopy(model).train()
-    outs = []
-    for x, y in zip(xs, ys):
-        model.zero_grad()
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        outs.append(out.detach().numpy())
-    return outs, {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def jax_steps(module, variables, xs, ys, lr):
-    """The same steps on the translated module: per-step logits, final variables."""
-
-    @jax.jit
-    def step(v, x, y):
-        def loss(params):
-            out, updates = module.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            logp = jax.nn.log_softmax(out)
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out, updates)
-
-        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
-        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, v["params"], grads)
-        return out, {**v, **updates, "params": params}
-
-    outs = []
-    for x, y in zip(xs, ys):
-        out, variables = step(variables, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
-        outs.append(np.asarray(out))
-    return outs, variables
-
-
-def perturbed(model, relative=1e-15):
-    model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + relative * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
-def rel_diff(a, b) -> float:
-    """max |a - b| / max(1, max |b|)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
-
-
 def compare_training(model, xs, ys, lr, ported=None):
     """Port ``model`` (unless given), train both three steps; the diffs and torch's sensitivity."""
     module, variables = ported or jaxbn.from_torch(model, xs[0])
-    t_out, t_state = torch_steps(model, xs, ys, lr)
-    p_out, p_state = torch_steps(perturbed(model), xs, ys, lr)
-    j_out, j_vars = jax_steps(module, variables, xs, ys, lr)
+    t_out, t_state = torch_sgd_steps(model, xs, ys, lr)
+    p_out, p_state = torch_sgd_steps(perturbed(model), xs, ys, lr)
+    j_out, j_vars = jax_sgd_steps(module, variables, xs, ys, lr)
     j_state, _ = porting.flax_to_torch(j_vars, model)
     return dict(
         logits=max(rel_diff(j, t) for j, t in zip(j_out, t_out)),

@@ -79,6 +79,27 @@ def pools(kind: str, n: int) -> list[Call]:
     return [Call((x, size)) for size in sizes]
 
 
+def interpolations() -> list[Call]:
+    """``F.interpolate``: nearest and (bi/tri)linear, by size and by scale factor (torch's
+    float32 nearest index, its output size floor(n * s), the given scale vs a recomputed one)."""
+    calls = []
+    for x in (SIGNAL, IMAGE, VOLUME):
+        calls += [Call((x,), (("scale_factor", 2),)), Call((x, 5)), Call((x, 13)),
+                  Call((x,), (("scale_factor", 0.7),)), Call((x,), (("scale_factor", 1.7),)),
+                  Call((x,), (("scale_factor", 1.7), ("recompute_scale_factor", True))),
+                  Call((x,), (("scale_factor", 1 / 3),))]
+    calls += [Call((IMAGE, (3, 17))), Call((IMAGE, None, (2.5, 0.5))), Call((T("x", (1, 2, 10, 7)), (3, 3)))]
+    for mode, x in (("linear", SIGNAL), ("bilinear", IMAGE), ("trilinear", VOLUME)):
+        for corners in (False, True):
+            flags = (("mode", mode), ("align_corners", corners))
+            calls += [Call((x,), (("scale_factor", 2), *flags)), Call((x, 3), flags),
+                      Call((x, 11), flags), Call((x, 1), flags),
+                      Call((x,), (("scale_factor", 1.7), *flags)),
+                      Call((x,), (("scale_factor", 0.45), ("recompute_scale_factor", True), *flags))]
+    calls += [Call((IMAGE, (5, 12)), (("mode", "bilinear"),))]
+    return calls
+
+
 CALLS: dict[str, list[Call]] = {
     "operator.add": binary(),
     "operator.sub": binary(),
@@ -86,6 +107,8 @@ CALLS: dict[str, list[Call]] = {
     "operator.truediv": binary(),
     "operator.floordiv": binary(Call((I, J))),
     "operator.eq": binary(Call((I, J)), Call((X, X))),
+    "operator.matmul": [Call((X, T("y", (2, 4, 5)))), Call((X, ROW)), Call((ROW, T("z", (4, 3)))),
+                        Call((T("x", (5, 1, 3, 4)), T("y", (2, 4, 2)))), Call((ROW, T("z", (4,))))],
     "operator.neg": [Call((X,))],
     "operator.getitem": [Call((X, 1)), Call((X, (Slice(None, None, None), 0))),
                          Call((X, Slice(1, None, None))), Call((X, (Ellipsis, Slice(None, 3, 2)))),
@@ -101,10 +124,17 @@ CALLS: dict[str, list[Call]] = {
     "tanh": unary(),
     "gelu": unary(Call((WIDE,), (("approximate", "tanh"),))),
     "leaky_relu": unary(Call((WIDE, 0.2)), Call((WIDE,), (("negative_slope", 0.3),))),
+    "prelu": [Call((WIDE, T("w", (3,)))), Call((WIDE, T("w", (1,)))), Call((IMAGE, T("w", (3,)))),
+              Call((T("x", (5,)), T("w", (1,))))],
     "softmax": [Call((X, 1)), Call((X,), (("dim", -1),))],
     "add": [Call((X, Y)), Call((X, ROW)), Call((X, 2.5)),
             Call((X, Y), (("alpha", 2),), only=("torch.add", "Tensor.add"))],
     "mul": [Call((X, Y)), Call((X, ROW)), Call((X, 2.5))],
+    "matmul": [Call((X, T("y", (2, 4, 5)))), Call((X, ROW)), Call((ROW, T("z", (4, 3)))),
+               Call((T("x", (5, 1, 3, 4)), T("y", (2, 4, 2)))), Call((ROW, T("z", (4,))))],
+    "bmm": [Call((X, T("y", (2, 4, 5))))],
+    "einsum": [Call(("bij,bjk->bik", X, T("y", (2, 4, 5)))), Call(("...j,j", X, ROW)),
+               Call(("bij->bji", X)), Call(("bij,bij->", (X, Y)))],
     "cat": [Call(((X, Y), 1)), Call(((X, Y, X),)), Call(((X, T("z", (2, 1, 4))),), (("dim", 1),))],
     "flatten": [Call((X,)), Call((X, 1)), Call((X, 0, 1)), Call((T("x", ()),))],
     "mean": [Call((X,)), Call((X, 1)), Call((X, (0, 2), True)), Call((X,), (("dim", -1), ("keepdim", True)))],
@@ -114,11 +144,28 @@ CALLS: dict[str, list[Call]] = {
     "reshape": [Call((X, (4, -1))), Call((X, 6, 4), only=("Tensor.reshape",))],
     "view": [Call((X, (4, -1))), Call((X, 2, -1))],
     "chunk": [Call((X, 2)), Call((X, 3, 2)), Call((X, 2), (("dim", 1),))],
+    "split": [Call((X, 2)), Call((X, 3, 2)), Call((X, 2), (("dim", 1),)), Call((X, (1, 2), 1)),
+              Call((X, (3, 0, 1)), (("dim", -1),)), Call((X, 5, 1)), Call((X, 1))],
+    "expand": [Call((T("x", (3, 1)), 2, 3, 4)), Call((T("x", (3, 1)), (3, -1))),
+               Call((T("x", (3, 1)), (2, -1, 5))), Call((T("x", (1, 4)), -1, -1))],
+    "expand_as": [Call((T("x", (3, 1)), T("y", (2, 3, 4)))), Call((ROW, X))],
     "squeeze": [Call((T("x", (2, 1, 3, 1)),)), Call((T("x", (2, 1, 3, 1)), 1)), Call((T("x", (2, 1, 3, 1)), 0))],
     "unsqueeze": [Call((X, 0)), Call((X, -1)), Call((X, 2))],
     "size": [Call((X,)), Call((X, 1)), Call((X, -1))],
     "dim": [Call((X,))],
     "contiguous": [Call((X,))],
+    "interpolate": interpolations(),
+    "layer_norm": [Call((X, (4,))), Call((X, (3, 4), T("w", (3, 4)), T("b", (3, 4)))),
+                   Call((X, (4,), T("w", (4,))), (("eps", 0.3),)),
+                   Call((X, (3, 4)), (("bias", T("b", (3, 4))), ("eps", 1e-3)))],
+    "group_norm": [Call((IMAGE, 1)), Call((IMAGE, 3, T("w", (3,)), T("b", (3,)))),
+                   Call((T("x", (2, 6, 5)), 2, T("w", (6,)), None, 0.2)),
+                   Call((T("x", (2, 4, 3, 2, 2)), 2), (("bias", T("b", (4,))),))],
+    "pad": [Call((IMAGE, (1, 2))), Call((IMAGE, (1, 2, 0, 3)), (("value", -1.5),)),
+            Call((IMAGE, (-1, 2, 3, -2), "constant", 0.25)), Call((X, (1, 1, 1, 1, 1, 1))),
+            *[Call((x, p), (("mode", mode),)) for mode in ("reflect", "replicate", "circular")
+              for x, p in ((SIGNAL, (2, 3)), (IMAGE, (1, 2, 3, 0)), (IMAGE, (-1, 2, 2, -3)),
+                           (VOLUME, (1, 0, 2, 1, 0, 3)), (VOLUME, (-1, 1, 2, -2, 1, 1)))]],
     **{f"{kind}_pool{n}d": pools(kind, n) for kind in ("max", "avg") for n in (1, 2, 3)},
     **{f"{kind}_pool{n}d": pools(kind, n) for kind in ("adaptive_avg", "adaptive_max") for n in (1, 2, 3)},
 }
