@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any
 
 __all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "call_kwargs", "join_path", "refs"]
@@ -112,3 +113,30 @@ def refs(value: Any) -> set[str]:
 def join_path(path: str, name: str) -> str:
     """A child's torch path: ``layer1`` + ``0`` -> ``layer1.0`` (the root's path is ``''``)."""
     return f"{path}.{name}" if path else name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Canonical:
+    """An IR value in :func:`same_capture`'s comparable form (a private type: no constant is one)."""
+
+    kind: Any
+    fields: tuple
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` with IR dataclasses spelled out and every NaN float replaced by a marker of its
+    sign: a forward with a NaN constant is one forward, though ``nan != nan``."""
+    if isinstance(value, float) and value != value:
+        return _Canonical(float, ("nan", math.copysign(1.0, value) < 0))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _Canonical(type(value), tuple(_comparable(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)))
+    if isinstance(value, tuple):
+        return _Canonical(tuple, tuple(_comparable(v) for v in value))
+    return value
+
+
+def same_capture(a: Any, b: Any) -> bool:
+    """Whether two captures (blocks, layers or any IR value) describe the same computation:
+    ``==``, except that equal NaN constants are equal."""
+    return _comparable(a) == _comparable(b)

@@ -35,7 +35,7 @@ from ..porting.errors import UnsupportedError
 from ..porting.settings import settings_of
 from . import ops
 from .aliasing import Aliasing
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, join_path, refs
+from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, join_path, refs, same_capture
 
 __all__ = ["capture", "capture_mode_independent", "check_materialized", "fixed_modes", "flax_name",
            "torch_type_name"]
@@ -582,7 +582,7 @@ class _BlockCapture:
             if previous is None:
                 self.calls[name] = (concrete, captured)
                 self.children[name] = captured.block
-            elif captured.block != previous[1].block:
+            elif not same_capture(captured.block, previous[1].block):
                 raise UnsupportedError(
                     f"{full} ({torch_type_name(sub)}): called with different constant arguments "
                     f"({_show(previous[0])}; then {_show(concrete)}), which change what its forward "
@@ -711,7 +711,7 @@ def capture_mode_independent(torch_module: Any) -> Block:
     modes = fixed_modes(torch_module)
     trained = capture(_in_mode(torch_module, True, modes), modes=modes)
     evaluated = capture(_in_mode(torch_module, False, modes), modes=modes)
-    if trained != evaluated:
+    if not same_capture(trained, evaluated):
         path, torch_type = _first_difference(trained, evaluated)
         raise UnsupportedError(
             f"{path or 'the model'} ({torch_type}): its forward runs different operations in "
@@ -730,8 +730,9 @@ def _in_mode(torch_module: Any, training: bool, modes: Mapping[str, bool]) -> An
 
 def _first_difference(a: Block, b: Block) -> tuple[str, str]:
     """The innermost block whose own operations differ between two captures."""
-    if a.ops == b.ops and a.output == b.output and [n for n, _ in a.children] == [n for n, _ in b.children]:
+    if (same_capture((a.ops, a.output), (b.ops, b.output))
+            and [n for n, _ in a.children] == [n for n, _ in b.children]):
         for (_, x), (_, y) in zip(a.children, b.children):
-            if x != y and isinstance(x, Block) and isinstance(y, Block):
+            if not same_capture(x, y) and isinstance(x, Block) and isinstance(y, Block):
                 return _first_difference(x, y)
     return a.torch_path, a.torch_type
