@@ -266,11 +266,21 @@ def rel_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
 
 
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def jax_cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
+    """:func:`cross_entropy` in JAX."""
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], 1))
+
+
 def torch_sgd_steps(model: torch.nn.Module, xs: list, ys: list, lr: float, *,
-                    train: bool = True) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-    """SGD steps (cross-entropy) on a copy of ``model``: per-step logits, final ``state_dict``.
-    ``train=True`` calls ``.train()`` on the copy first; ``False`` keeps the modes it is in
-    (frozen layers stay frozen)."""
+                    train: bool = True, loss: Callable = cross_entropy
+                    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """SGD steps on ``loss(out, y)`` on a copy of ``model``: per-step outputs, final
+    ``state_dict``. ``train=True`` calls ``.train()`` on the copy first; ``False`` keeps the modes
+    it is in (frozen layers stay frozen). ``ys`` may hold ``None`` for a loss without labels."""
     import copy
 
     model = copy.deepcopy(model)
@@ -280,7 +290,7 @@ def torch_sgd_steps(model: torch.nn.Module, xs: list, ys: list, lr: float, *,
     for x, y in zip(xs, ys):
         model.zero_grad()
         out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
+        loss(out, y).backward()
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
@@ -289,24 +299,37 @@ def torch_sgd_steps(model: torch.nn.Module, xs: list, ys: list, lr: float, *,
     return outs, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def jax_sgd_steps(module: Any, variables: dict, xs: list, ys: list,
-                  lr: float) -> tuple[list[np.ndarray], dict]:
-    """The same steps on a translated linen module (``train=True``): per-step logits, final
-    variables."""
+def jax_sgd_steps(module: Any, variables: dict, xs: list, ys: list, lr: float, *,
+                  loss: Callable = jax_cross_entropy) -> tuple[list[np.ndarray], dict]:
+    """The same steps on a translated linen module (``train=True``, ``loss`` in JAX): per-step
+    outputs, final variables."""
 
     @jax.jit
     def step(v, x, y):
-        def loss(params):
+        def objective(params):
             out, updates = module.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            logp = jax.nn.log_softmax(out)
-            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out, updates)
+            return loss(out, y), (out, updates)
 
-        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        (_, (out, updates)), grads = jax.value_and_grad(objective, has_aux=True)(v["params"])
         params = jax.tree_util.tree_map(lambda p, g: p - lr * g, v["params"], grads)
         return out, {**v, **updates, "params": params}
 
     outs = []
     for x, y in zip(xs, ys):
-        out, variables = step(variables, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        out, variables = step(variables, jnp.asarray(x.numpy()), None if y is None else jnp.asarray(y.numpy()))
         outs.append(np.asarray(out))
     return outs, variables
+
+
+class Chain(torch.nn.Module):
+    """A torch model of the given named children, applied in order."""
+
+    def __init__(self, **children: torch.nn.Module):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x):
+        for child in self.children():
+            x = child(x)
+        return x

@@ -24,7 +24,7 @@ from torch import nn
 import jaxbn
 from jaxbn import porting
 from jaxbn.porting import UnsupportedError
-from helpers import jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
+from helpers import Chain, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 
 F64 = torch.float64
 _LIBRARY = []
@@ -189,22 +189,10 @@ class TrainingBranch(nn.Module):
         return self.bn(self.fc(x)) * 2 if self.training else self.bn(self.fc(x))
 
 
-class Holder(nn.Module):
-    def __init__(self, **children):
-        super().__init__()
-        for name, child in children.items():
-            self.add_module(name, child)
-
-    def forward(self, x):
-        for child in self.children():
-            x = child(x)
-        return x
-
-
 def test_a_frozen_block_branching_on_training_runs_its_frozen_branch():
     """Its mode is fixed under either ``train=`` (the rule), so is the branch torch takes."""
     torch.manual_seed(0)
-    net = Holder(first=nn.Linear(3, 3), head=TrainingBranch()).double()
+    net = Chain(first=nn.Linear(3, 3), head=TrainingBranch()).double()
     net.train()
     net.head.eval()
     x = torch.randn(6, 3, dtype=F64)
@@ -429,7 +417,7 @@ def test_softmax_module_without_dim_uses_torchs_implicit_dim(shape):
     x = torch.randn(shape, dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch: implicit dim is deprecated
-        assert_eval_matches(Holder(softmax=nn.Softmax()), x, atol=1e-15)
+        assert_eval_matches(Chain(softmax=nn.Softmax()), x, atol=1e-15)
 
 
 def test_softmax_accepts_torchs_signatures():

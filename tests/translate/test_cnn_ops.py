@@ -14,44 +14,9 @@ import torch
 
 import jaxbn
 from jaxbn import porting, translate
-from helpers import perturbed
+from helpers import jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 
 F64 = torch.float64
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(1.0, float(np.max(np.abs(b), initial=0.0))))
-
-
-def _torch_steps(model, xs, lr=0.1):
-    model = copy.deepcopy(model).train()
-    outs = []
-    for x in xs:
-        model.zero_grad()
-        out = model(x)
-        (out ** 2).mean().backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= lr * p.grad
-        outs.append(out.detach().numpy())
-    return outs, {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def _jax_steps(module, variables, xs, lr=0.1):
-    outs = []
-    for x in xs:
-        def loss(params):
-            out, updates = module.apply({**variables, "params": params}, jnp.asarray(x.numpy()),
-                                        train=True, mutable=["batch_stats"])
-            return jnp.mean(out ** 2), (out, updates)
-
-        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, variables["params"], grads)
-        variables = {**variables, **updates, "params": params}
-        outs.append(np.asarray(out))
-    return outs, variables
 
 
 def assert_matches_torch(model: torch.nn.Module, x: torch.Tensor, eval_tol: float = 1e-12) -> None:
@@ -63,23 +28,24 @@ def assert_matches_torch(model: torch.nn.Module, x: torch.Tensor, eval_tol: floa
         expected = copy.deepcopy(model).eval()(x).numpy()
     y = module.apply(variables, jnp.asarray(x.numpy()), train=False)
     assert np.asarray(y).shape == expected.shape
-    assert _rel(y, expected) <= eval_tol, _rel(y, expected)
+    assert rel_diff(y, expected) <= eval_tol, rel_diff(y, expected)
     source = translate.emit_source(module.block)  # the file `python -m jaxbn port --emit` writes
     namespace: dict = {}
     exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102
     emitted = namespace["Model"]().apply(variables, jnp.asarray(x.numpy()), train=False)
     np.testing.assert_array_equal(emitted, y)
     xs = [x, x * 0.5 + 0.1, x.flip(0)]
-    t_out, t_state = _torch_steps(model, xs)
-    p_out, p_state = _torch_steps(perturbed(model), xs)
-    j_out, j_vars = _jax_steps(module, variables, xs)
-    sens = max(1e-15, max(_rel(p, t) for p, t in zip(p_out, t_out)))
-    assert max(_rel(j, t) for j, t in zip(j_out, t_out)) <= 100 * sens
+    ys = [None] * len(xs)
+    t_out, t_state = torch_sgd_steps(model, xs, ys, 0.1, loss=lambda out, _: (out ** 2).mean())
+    p_out, p_state = torch_sgd_steps(perturbed(model), xs, ys, 0.1, loss=lambda out, _: (out ** 2).mean())
+    j_out, j_vars = jax_sgd_steps(module, variables, xs, ys, 0.1, loss=lambda out, _: jnp.mean(out ** 2))
+    sens = max(1e-15, max(rel_diff(p, t) for p, t in zip(p_out, t_out)))
+    assert max(rel_diff(j, t) for j, t in zip(j_out, t_out)) <= 100 * sens
     if t_state:
         j_state, _ = porting.flax_to_torch(j_vars, model)
-        sens = max(1e-15, max(_rel(p_state[k], t_state[k]) for k in t_state))
-        worst = max(t_state, key=lambda k: _rel(j_state[k], t_state[k]))
-        assert _rel(j_state[worst], t_state[worst]) <= 100 * sens, worst
+        sens = max(1e-15, max(rel_diff(p_state[k], t_state[k]) for k in t_state))
+        worst = max(t_state, key=lambda k: rel_diff(j_state[k], t_state[k]))
+        assert rel_diff(j_state[worst], t_state[worst]) <= 100 * sens, worst
 
 
 def _x(*shape, seed=0):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import jaxbn
-from helpers import REPO_ROOT, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
+from helpers import Chain, REPO_ROOT, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 from jaxbn import porting, translate
 from jaxbn.porting import UnsupportedError
 
@@ -434,19 +434,7 @@ def test_forward_branching_on_training_is_refused():
             return self.fc(x) * 2 if self.training else self.fc(x)
 
     with pytest.raises(UnsupportedError, match=r"^head \(.*Aux\): its forward runs different operations in train and eval"):
-        jaxbn.from_torch(_Named(head=Aux()), torch.zeros(1, 3))
-
-
-class _Named(torch.nn.Module):
-    def __init__(self, **children):
-        super().__init__()
-        for name, child in children.items():
-            self.add_module(name, child)
-
-    def forward(self, x):
-        for child in self.children():
-            x = child(x)
-        return x
+        jaxbn.from_torch(Chain(head=Aux()), torch.zeros(1, 3))
 
 
 def test_import_jaxbn_does_not_import_torch():
