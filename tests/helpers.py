@@ -333,3 +333,56 @@ class Chain(torch.nn.Module):
         for child in self.children():
             x = child(x)
         return x
+
+
+_TORCHVISION_LIBRARY: list = []
+
+
+def import_torchvision():
+    """torchvision beside the CPU torch: PyPI's wheel is built against CUDA torch and its C ops do
+    not register, so ``import torchvision`` (and timm, segmentation_models_pytorch, which import
+    it) raises ``operator torchvision::nms does not exist``; the models are pure Python once the
+    two schemas exist (docs/porting.md). Defined once per process."""
+    # torchvision and its pillow are test dependencies (the `test` extra): missing is a failure.
+    if not _TORCHVISION_LIBRARY:
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_LIBRARY.append(library)  # keep the definitions alive
+    import torchvision
+
+    return torchvision
+
+
+def warmed(model: torch.nn.Module, input_shape: tuple[int, ...], scale: float = 0.2, seed: int = 1
+           ) -> torch.nn.Module:
+    """``model`` in float64 as the translator tests take it: every 1-d parameter drawn around
+    torch's init (weights near 1, biases near 0, ``scale`` apart: BatchNorm affine non-trivial),
+    then two train-mode forwards on random inputs of ``input_shape`` (non-trivial buffers); its
+    modes are left as they were."""
+    model = model.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if name.endswith("weight") else 0.0)
+                        + scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        modes = {m: m.training for m in model.modules()}
+        model.train()
+        for _ in range(2):
+            model(torch.randn(input_shape, generator=g, dtype=torch.float64))
+        for m, training in modes.items():
+            m.training = training
+    return model
+
+
+def assert_round_trip_exact(model: torch.nn.Module, variables: dict) -> None:
+    """``flax_to_torch(variables, model)`` loads into a copy with ``strict=True`` and equals
+    ``model``'s ``state_dict`` bit for bit."""
+    import copy
+
+    back = copy.deepcopy(model)
+    state, _ = jaxbn.porting.flax_to_torch(variables, back, as_torch=True)
+    back.load_state_dict(state, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key

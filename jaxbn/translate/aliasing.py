@@ -89,6 +89,10 @@ class Aliasing:
                 out |= {i for i in self._inputs if self._root(i) == self._root(name)}
         return out
 
+    def sharing(self, name: str) -> list[str]:
+        """The tensors sharing memory with ``name`` (itself included; ``[]`` for an untracked value)."""
+        return self._sharing(name) if name in self._tensor else []
+
     def _sharing(self, name: str) -> list[str]:
         root = self._root(name)
         return [u for u in self._tensor if self._root(u) == root]

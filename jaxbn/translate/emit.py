@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..porting.errors import UnsupportedError
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, call_kwargs
+from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, call_kwargs
 from .layers import layer_class
 from .names import Names, is_attribute, is_field
 from .ops import OPS, arguments_source
@@ -260,13 +260,25 @@ class _Emitter:
             lines = [f"    {name}: nn.Module" for name, _ in fields]
             if fields:
                 lines.append("")
-            if built:
+            shared = [n for n, c in [*fields, *built] if isinstance(c, Layer) and c.shares_scope]
+            if built or shared or block.variables:
                 lines.append("    def setup(self):")
                 lines += [f"        {_assignment(n, self.constructor(c, '        '))}" for n, c in built]
+                lines += [f"        nn.share_scope(self, {_attribute(n)})  # its variables are this module's"
+                          for n in shared]
+                lines += [f"        {_assignment(v.name, self.variable(v))}" for v in block.variables]
                 lines.append("")
             return "\n".join(lines + self._call(block, root))
         except UnsupportedError as error:
             raise UnsupportedError(f"{block.torch_path or 'the model'} ({block.torch_type}): {error}") from None
+
+    def variable(self, variable: Variable) -> str:
+        """A parameter (zeros until torch's values are ported) or a read-only buffer."""
+        self.uses_jnp = True
+        shape, dtype = self.constant(variable.shape), _dtype_source(np.dtype(variable.dtype))
+        if variable.collection == "params":
+            return f"self.param({variable.name!r}, nn.initializers.zeros_init(), {shape}, {dtype})"
+        return f"self.variable({variable.collection!r}, {variable.name!r}, jnp.zeros, {shape}, {dtype}).value"
 
     def constructor(self, child: Layer | Block, indent: str) -> str:
         """``Conv(in_channels=3, ...)`` or ``BasicBlock(conv1=Conv(...), ...)``."""
@@ -298,7 +310,13 @@ class _Emitter:
             if alias is not None:
                 names[op.out] = self.constant(alias, names)
                 continue
+            if op.kind == "variable":
+                names[op.out] = _attribute(op.target)
+                continue
             expression = self._expression(op, children, names)
+            if op.kind == "function" and op.target == "guard":  # a check, no value
+                lines.append(f"        {expression}")
+                continue
             names[op.out] = scope.fresh(op.out)
             lines.append(f"        {names[op.out]} = {expression}")
         result = self.constant(block.output, names)

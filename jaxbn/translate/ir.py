@@ -13,7 +13,8 @@ import inspect
 import math
 from typing import Any
 
-__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "call_kwargs", "join_path", "refs"]
+__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "Variable", "call_kwargs", "join_path",
+           "refs"]
 
 NO_DEFAULT = inspect.Parameter.empty
 """An input without a default value."""
@@ -41,8 +42,9 @@ class Op:
 
     Attributes:
       out: the name of its result.
-      kind: ``'module'`` (call the child named ``target``) or ``'function'`` (``target`` names an
-        entry of :data:`jaxbn.translate.ops.OPS`).
+      kind: ``'module'`` (call the child named ``target``), ``'function'`` (``target`` names an
+        entry of :data:`jaxbn.translate.ops.OPS`) or ``'variable'`` (the block's own parameter or
+        buffer named ``target``: a :class:`Variable`).
       args, kwargs: arguments; :class:`Ref` for earlier results, else constants.
     """
 
@@ -67,6 +69,9 @@ class Layer:
         mode follows the model's).
       is_norm: a BatchNorm / InstanceNorm layer (a :mod:`jaxbn.linen` class, core parameters
         always spelled out).
+      shares_scope: its variables are its parent's (the norm of a BatchNorm subclass whose own
+        ``forward`` calls ``F.batch_norm`` and more: the block is the norm, its variables sit
+        under the block's torch path).
       torch_path, torch_type: where it came from (for messages and audits).
     """
 
@@ -75,13 +80,32 @@ class Layer:
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     takes_train: bool = False
     is_norm: bool = False
+    shares_scope: bool = False
     torch_path: str = ""
     torch_type: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
+class Variable:
+    """A parameter or buffer a block's own ``forward`` reads (``self.weight``, not inside a layer).
+
+    Attributes:
+      name: the torch attribute (also the Flax variable's name).
+      collection: ``'params'`` for a torch parameter, ``'batch_stats'`` for a buffer (never
+        changed: capture refuses in-place writes to it).
+      shape, dtype: its shape and NumPy dtype.
+    """
+
+    name: str
+    collection: str
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Block:
-    """A traced torch module: ``inputs`` (name, default), ``ops``, ``output``, ``children``."""
+    """A traced torch module: ``inputs`` (name, default), ``ops``, ``output``, ``children`` and
+    the ``variables`` its own forward reads."""
 
     torch_type: str
     torch_path: str
@@ -89,6 +113,7 @@ class Block:
     ops: tuple[Op, ...]
     output: Any
     children: tuple[tuple[str, Layer | Block], ...]
+    variables: tuple[Variable, ...] = ()
 
     takes_train = True  # a block passes ``train`` on to its children
 

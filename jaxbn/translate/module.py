@@ -2,7 +2,8 @@
 
 It interprets the block, one node kind at a time like ``torch.fx.Interpreter``: a module call runs
 the child built from its :class:`~.ir.Layer` (or a nested :class:`TracedModule`), a function call
-runs its entry of the op table (:data:`.ops.OPS`). No torch.
+runs its entry of the op table (:data:`.ops.OPS`), a variable reads the block's own parameter or
+buffer (:class:`~.ir.Variable`). No torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 
 from ..porting.errors import UnsupportedError
 from . import torch_ops
-from .ir import NO_DEFAULT, Block, Op, Ref, Slice, call_kwargs, join_path
+from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, call_kwargs, join_path
 from .layers import build_layer
 from .ops import OPS
 
@@ -53,6 +54,9 @@ class TracedModule(nn.Module):
                 raise UnsupportedError(f"{join_path(self.block.torch_path, name)}: the name {name!r} "
                                        "is reserved by flax.linen.Module")
             setattr(self, name, TracedModule(child) if isinstance(child, Block) else build_layer(child))
+            if isinstance(child, Layer) and child.shares_scope:
+                nn.share_scope(self, getattr(self, name))
+        self._own_variables = {v.name: _declare(self, v) for v in self.block.variables}
 
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
         env = _bind_inputs(self.block, args, kwargs)
@@ -73,7 +77,18 @@ class TracedModule(nn.Module):
         if op.kind == "module":
             kwargs.update(call_kwargs(children[op.target], train))
             return getattr(self, op.target)(*args, **kwargs)
+        if op.kind == "variable":
+            return self._own_variables[op.target]
         return OPS[op.target].run(*args, **kwargs)
+
+
+def _declare(module: nn.Module, variable: Variable) -> jax.Array:
+    """A parameter (``params``, initialized to zeros: :func:`~.port.from_torch` ports torch's
+    values) or a buffer (``batch_stats``, read only) the block's forward reads itself."""
+    if variable.collection == "params":
+        return module.param(variable.name, nn.initializers.zeros_init(), variable.shape, variable.dtype)
+    return module.variable(variable.collection, variable.name,
+                           lambda: jax.numpy.zeros(variable.shape, variable.dtype)).value
 
 
 def _bind_inputs(block: Block, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import importlib
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from . import torch_ops
 from .ir import Slice
@@ -39,12 +42,16 @@ class OpRule:
       write: the op as a source expression.
       torch: what it replaces: ``module.function`` paths (``torch.add``, ``operator.iadd``,
         ``torch.nn.functional.relu``) and ``Tensor.<method>``.
+      view: in torch, the result may share memory with a tensor argument (a view of it, or the
+        argument itself: ``view``, ``transpose``, indexing, ``contiguous``, ``to`` its own dtype);
+        False where it is always a new tensor.
     """
 
     name: str
     run: Callable[..., Any]
     write: Writer
     torch: tuple[str, ...] = ()
+    view: bool = False
 
 
 def arguments_source(args: tuple, kwargs: tuple, source: Source) -> str:
@@ -58,7 +65,13 @@ def _call(name: str) -> Writer:
 
 
 def _infix(symbol: str) -> Writer:
-    return lambda args, kwargs, source: f"{source(args[0])} {symbol} {source(args[1])}"
+    def write(args: tuple, kwargs: tuple, source: Source) -> str:
+        left = source(args[0])
+        if symbol == "**" and left.startswith("-"):  # -2 ** x is -(2 ** x)
+            left = f"({left})"
+        return f"{left} {symbol} {source(args[1])}"
+
+    return write
 
 
 def index_source(value: Any, source: Source) -> str:
@@ -73,10 +86,10 @@ def index_source(value: Any, source: Source) -> str:
     return source(value)
 
 
-_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "eq": "==",
-              "matmul": "@"}
-_IN_PLACE = {"add": ("operator.iadd",), "sub": ("operator.isub",), "mul": ("operator.imul",),
-             "truediv": ("operator.itruediv",), "floordiv": ("operator.ifloordiv",)}
+_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+              "pow": "**", "matmul": "@", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
+              "ge": ">="}
+_IN_PLACE = {n: (f"operator.i{n}",) for n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow")}
 """``x += y`` runs as ``x + y``: capture (:mod:`.tracing`) rebinds later reads of ``x`` to the
 result, as for every in-place variant below (``relu_``, ``add_``, ...)."""
 
@@ -91,24 +104,46 @@ _FUNCTIONS: dict[str, tuple[str, ...]] = {
                 "Tensor.sigmoid_"),
     "tanh": ("torch.tanh", "torch.nn.functional.tanh", "Tensor.tanh", "torch.tanh_", "Tensor.tanh_"),
     "gelu": ("torch.nn.functional.gelu",),
+    "hardtanh": ("torch.nn.functional.hardtanh", "torch.nn.functional.hardtanh_"),
+    "elu": ("torch.nn.functional.elu", "torch.nn.functional.elu_"),
+    "softplus": ("torch.nn.functional.softplus",),
+    "mish": ("torch.nn.functional.mish",),
     "leaky_relu": ("torch.nn.functional.leaky_relu", "torch.nn.functional.leaky_relu_"),
     "prelu": ("torch.nn.functional.prelu", "torch.prelu"),
     "softmax": ("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax"),
     "add": ("torch.add", "Tensor.add", "Tensor.add_"),
+    "sub": ("torch.sub", "torch.subtract", "Tensor.sub", "Tensor.sub_", "Tensor.subtract"),
     "mul": ("torch.mul", "Tensor.mul", "Tensor.mul_"),
+    "div": ("torch.div", "torch.divide", "Tensor.div", "Tensor.div_", "Tensor.divide"),
+    "pow": ("torch.pow", "Tensor.pow", "Tensor.pow_"),
+    **{name: (f"torch.{name}", f"Tensor.{name}", f"torch.{name}_", f"Tensor.{name}_")
+       for name in ("neg", "abs", "sqrt", "rsqrt", "exp", "log")},
+    "clamp": ("torch.clamp", "torch.clip", "Tensor.clamp", "Tensor.clip", "torch.clamp_", "torch.clip_",
+              "Tensor.clamp_", "Tensor.clip_"),
+    "to": ("Tensor.to",),
+    "type_as": ("Tensor.type_as",),
     "cat": ("torch.cat", "torch.concat"),
+    "stack": ("torch.stack",),
     "matmul": ("torch.matmul", "Tensor.matmul"),
     "bmm": ("torch.bmm", "Tensor.bmm"),
     "einsum": ("torch.einsum",),
+    "scaled_dot_product_attention": ("torch.nn.functional.scaled_dot_product_attention",),
     "flatten": ("torch.flatten", "Tensor.flatten"),
     "mean": ("torch.mean", "Tensor.mean"),
     "sum": ("torch.sum", "Tensor.sum"),
+    "amax": ("torch.amax", "Tensor.amax"),
+    "amin": ("torch.amin", "Tensor.amin"),
+    "var": ("torch.var", "Tensor.var"),
+    "std": ("torch.std", "Tensor.std"),
     "transpose": ("torch.transpose", "Tensor.transpose"),
     "permute": ("torch.permute", "Tensor.permute"),
     "reshape": ("torch.reshape", "Tensor.reshape"),
     "view": ("Tensor.view",),
+    "reshape_as": ("Tensor.reshape_as", "Tensor.view_as"),
+    "repeat": ("Tensor.repeat",),
     "chunk": ("torch.chunk", "Tensor.chunk"),
     "split": ("torch.split", "Tensor.split"),
+    "unbind": ("torch.unbind", "Tensor.unbind"),
     "expand": ("Tensor.expand",),
     "expand_as": ("Tensor.expand_as",),
     "squeeze": ("torch.squeeze", "Tensor.squeeze"),
@@ -120,9 +155,32 @@ _FUNCTIONS: dict[str, tuple[str, ...]] = {
     "pad": ("torch.nn.functional.pad",),
     "layer_norm": ("torch.nn.functional.layer_norm", "torch.layer_norm"),
     "group_norm": ("torch.nn.functional.group_norm", "torch.group_norm"),
+    "batch_norm": ("torch.nn.functional.batch_norm",),
+    "normalize": ("torch.nn.functional.normalize",),
+    # torch's weight layout (out, in / groups, *kernel) / (out, in); torch.conv2d is F.conv2d
+    **{f"conv{n}d": (f"torch.nn.functional.conv{n}d", f"torch.conv{n}d") for n in (1, 2, 3)},
+    "linear_torch_layout": ("torch.nn.functional.linear",),
     **{f"{stem}{n}d": (f"torch.nn.functional.{stem}{n}d",)
        for stem in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") for n in (1, 2, 3)},
 }
+
+_VIEWS = frozenset({
+    "transpose", "permute", "reshape", "view", "reshape_as", "flatten", "chunk", "split", "unbind",
+    "expand", "expand_as", "squeeze", "unsqueeze", "contiguous", "size", "dim", "einsum", "to", "type_as"})
+""":data:`_FUNCTIONS` whose result may share memory with an argument (``einsum``: a permutation
+is a view; ``to``: its own dtype is the tensor itself)."""
+
+_CONVERSIONS = {"float": "float32", "double": "float64", "half": "float16"}
+"""``Tensor.float()`` and the like: :func:`.torch_ops.to` with the dtype written in."""
+
+
+def _conversion(name: str, dtype: str) -> OpRule:
+    """``Tensor.<name>()`` as ``F.to(x, dtype=jnp.<dtype>)``; the tensor itself when it has that
+    dtype already (a view)."""
+    fixed = (("dtype", np.dtype(dtype)),)
+    return OpRule(name, functools.partial(torch_ops.to, dtype=fixed[0][1]),
+                  lambda a, k, source: f"F.to({arguments_source(a, fixed + tuple(k), source)})",
+                  (f"Tensor.{name}",), view=True)
 
 
 def _table() -> dict[str, OpRule]:
@@ -132,13 +190,21 @@ def _table() -> dict[str, OpRule]:
     rules += [
         OpRule("operator.neg", operator.neg, lambda a, k, source: f"-{source(a[0])}", ("operator.neg",)),
         OpRule("operator.getitem", operator.getitem,
-               lambda a, k, source: f"{source(a[0])}[{index_source(a[1], source)}]", ("operator.getitem",)),
+               lambda a, k, source: f"{source(a[0])}[{index_source(a[1], source)}]", ("operator.getitem",),
+               view=True),
         # only .shape and .ndim (capture refuses other attributes): written as the attribute
-        OpRule("getattr", builtins.getattr, lambda a, k, source: f"{source(a[0])}.{a[1]}", ("builtins.getattr",)),
+        OpRule("getattr", builtins.getattr, lambda a, k, source: f"{source(a[0])}.{a[1]}", ("builtins.getattr",),
+               view=True),
         # functional dropout with p=0 and the like: the argument itself
-        OpRule("identity", torch_ops.identity, lambda a, k, source: source(a[0])),
+        OpRule("identity", torch_ops.identity, lambda a, k, source: source(a[0]), view=True),
+        # a specialization on the example's shapes (.concrete): checked, no value
+        OpRule("guard", torch_ops.guard, _call("guard"), ("jaxbn.translate.concrete.guard",)),
     ]
-    rules += [OpRule(name, getattr(torch_ops, name), _call(name), torch) for name, torch in _FUNCTIONS.items()]
+    rules += [OpRule(f"math.{n}", getattr(torch_ops, f"math_{n}"), _call(f"math_{n}"), (f"math.{n}",))
+              for n in torch_ops.MATH_FUNCTIONS]
+    rules += [OpRule(name, getattr(torch_ops, name), _call(name), torch, view=name in _VIEWS)
+              for name, torch in _FUNCTIONS.items()]
+    rules += [_conversion(name, dtype) for name, dtype in _CONVERSIONS.items()]
     return {rule.name: rule for rule in rules}
 
 

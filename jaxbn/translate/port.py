@@ -86,7 +86,7 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
       UnsupportedError: a module or operation that is not translated, named by path and type.
     """
     check_materialized(torch_module)
-    block = capture_mode_independent(torch_module)
+    block = capture_mode_independent(torch_module, example_input)
     module = TracedModule(block, channels_last=channels_last)
     arrays = example_arrays(example_input, channels_last)
     target = target_from_module(module, *arrays, train=False)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import builtins
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -93,6 +94,125 @@ def softmax(x: jax.Array, dim: int | None = None, _stacklevel: Any = 3, dtype: A
     return jax.nn.softmax(x, axis=dim)
 
 
+def hardtanh(x: jax.Array, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> jax.Array:
+    """``F.hardtanh`` / ``F.hardtanh_``: ``x`` clamped to ``[min_val, max_val]``."""
+    if min_val > max_val:
+        raise ValueError("hardtanh: min_val cannot be greater than max_val")
+    return clamp(x, min_val, max_val)
+
+
+def elu(x: jax.Array, alpha: float = 1.0, inplace: bool = False) -> jax.Array:
+    """``F.elu`` / ``F.elu_``: ``x if x > 0 else alpha * (exp(x) - 1)``."""
+    return jnp.where(x > 0, x, alpha * jnp.expm1(x))
+
+
+def softplus(x: jax.Array, beta: float = 1.0, threshold: float = 20.0) -> jax.Array:
+    """``F.softplus``: ``log(1 + exp(beta * x)) / beta``, ``x`` itself where ``beta * x >
+    threshold``."""
+    return jnp.where(x * beta > threshold, x, jnp.log1p(jnp.exp(x * beta)) / beta)
+
+
+def mish(x: jax.Array, inplace: bool = False) -> jax.Array:
+    """``F.mish``: ``x * tanh(softplus(x))``."""
+    return x * jnp.tanh(jnp.log1p(jnp.exp(x)))
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def neg(x: jax.Array) -> jax.Array:
+    """``torch.neg``."""
+    return -x
+
+
+def abs(x: jax.Array) -> jax.Array:  # noqa: A001
+    """``torch.abs``."""
+    return jnp.abs(x)
+
+
+def sqrt(x: jax.Array) -> jax.Array:
+    """``torch.sqrt``."""
+    return jnp.sqrt(x)
+
+
+def rsqrt(x: jax.Array) -> jax.Array:
+    """``torch.rsqrt``: ``1 / sqrt(x)``."""
+    return lax.rsqrt(x)
+
+
+def exp(x: jax.Array) -> jax.Array:
+    """``torch.exp``."""
+    return jnp.exp(x)
+
+
+def log(x: jax.Array) -> jax.Array:
+    """``torch.log``."""
+    return jnp.log(x)
+
+
+def pow(x: Any, exponent: Any) -> Any:  # noqa: A001
+    """``torch.pow`` (a tensor or a number as either operand)."""
+    return x ** exponent
+
+
+def clamp(x: jax.Array, min: Any = None, max: Any = None) -> jax.Array:  # noqa: A002
+    """``torch.clamp`` / ``torch.clip``: ``min(max(x, min), max)`` (so ``max`` wins where
+    ``min > max``); either bound may be ``None``, not both."""
+    if min is None and max is None:
+        raise ValueError("clamp: at least one of 'min' or 'max' must not be None")
+    x = x if min is None else jnp.maximum(x, min)
+    return x if max is None else jnp.minimum(x, max)
+
+
+def sub(x: Any, other: Any, alpha: float = 1) -> Any:
+    """``torch.sub``: ``x - alpha * other``."""
+    return add(x, other, -alpha)
+
+
+def div(x: Any, other: Any, rounding_mode: str | None = None) -> Any:
+    """``torch.div``: true division, or rounded toward zero (``'trunc'``) or down (``'floor'``,
+    Python's ``//``). Integer operands stay integers when rounded, as in torch."""
+    if rounding_mode is None:
+        return x / other
+    if rounding_mode == "floor":
+        return x // other
+    if rounding_mode != "trunc":
+        raise ValueError(f"div: rounding_mode must be None, 'trunc' or 'floor', got {rounding_mode!r}")
+    if jnp.issubdtype(jnp.result_type(x, other), jnp.integer):  # exact: C's integer division
+        quotient = jnp.abs(x) // jnp.abs(other)
+        return jnp.where((x < 0) != (other < 0), -quotient, quotient)
+    return jnp.trunc(x / other)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+def to(x: jax.Array, dtype: Any = None, non_blocking: bool = False, copy: bool = False,
+       memory_format: Any = None, *, device: Any = None) -> jax.Array:
+    """``Tensor.to(dtype, non_blocking=False, copy=False)`` / ``Tensor.to(dtype=...)``: a dtype
+    conversion (JAX's rounding, torch's: to nearest, toward zero for integers).
+    ``non_blocking`` and ``copy`` mean nothing for JAX arrays.
+
+    Raises:
+      UnsupportedError: a device, or another tensor, instead of a dtype.
+    """
+    from ..porting.errors import UnsupportedError
+
+    if device is not None or isinstance(dtype, (str, jax.Array, np.ndarray)):
+        raise UnsupportedError(f"Tensor.to: only a dtype argument is supported, not {device or dtype!r}")
+    if dtype is None:
+        return x
+    try:
+        return x.astype(np.dtype(dtype))
+    except TypeError:
+        raise UnsupportedError(f"Tensor.to: {dtype!r} is not a dtype") from None
+
+
+def type_as(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``Tensor.type_as(other)``: ``x`` converted to ``other``'s dtype."""
+    return to(x, other.dtype)
+
+
 # ---------------------------------------------------------------- shapes
 
 
@@ -119,6 +239,11 @@ def reshape(x: jax.Array, *shape: Any) -> jax.Array:
 
 
 view = reshape
+
+
+def reshape_as(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``Tensor.reshape_as(other)`` / ``Tensor.view_as(other)``: ``x.reshape(other.size())``."""
+    return reshape(x, tuple(other.shape))
 
 
 def flatten(x: jax.Array, start_dim: int = 0, end_dim: int = -1) -> jax.Array:
@@ -161,6 +286,20 @@ def cat(tensors: Sequence[jax.Array], dim: int = 0) -> jax.Array:
     return jnp.concatenate(list(tensors), axis=dim)
 
 
+def stack(tensors: Sequence[jax.Array], dim: int = 0) -> jax.Array:
+    """``torch.stack``."""
+    return jnp.stack(list(tensors), axis=dim)
+
+
+def repeat(x: jax.Array, *sizes: Any) -> jax.Array:
+    """``Tensor.repeat(*sizes)``: ``x`` tiled ``sizes[i]`` times along axis ``i``; extra sizes
+    add leading axes (fewer sizes than axes: refused, as torch does)."""
+    sizes = _shape_arguments(sizes)
+    if len(sizes) < x.ndim:
+        raise ValueError(f"repeat: {len(sizes)} sizes for a tensor of rank {x.ndim}")
+    return jnp.tile(x, sizes)
+
+
 def chunk(x: jax.Array, chunks: int, dim: int = 0) -> tuple[jax.Array, ...]:
     """``torch.chunk``: pieces of ``ceil(size / chunks)`` (the last one smaller)."""
     step = -(-x.shape[dim] // chunks)
@@ -183,6 +322,14 @@ def split(x: jax.Array, split_size_or_sections: Any, dim: int = 0) -> tuple[jax.
         sizes = [step] * (n // step) + ([n % step] if n % step else []) if step else [0]
     starts = np.cumsum([0] + sizes[:-1])
     return tuple(lax.slice_in_dim(x, int(a), int(a) + s, axis=dim) for a, s in zip(starts, sizes))
+
+
+def unbind(x: jax.Array, dim: int = 0) -> tuple[jax.Array, ...]:
+    """``torch.unbind`` / ``Tensor.unbind``: the slices along ``dim``, that axis removed."""
+    if x.ndim == 0:
+        raise ValueError("unbind: a 0-d tensor has no dimension to unbind")
+    axis = operator.index(dim) % x.ndim
+    return tuple(lax.index_in_dim(x, i, axis=axis, keepdims=False) for i in range(x.shape[axis]))
 
 
 def expand(x: jax.Array, *sizes: Any) -> jax.Array:
@@ -220,7 +367,48 @@ def sum(x: jax.Array, dim: Any = None, keepdim: bool = False, dtype: Any = None)
 
 
 def _axes(dim: Any) -> Any:
+    """``dim`` as JAX's ``axis``: an int, a tuple (``()`` stays ``()``) or ``None``."""
     return tuple(dim) if isinstance(dim, (list, tuple)) else dim
+
+
+def _every_axis_if_empty(dim: Any) -> Any:
+    """``dim`` of ``amax`` / ``amin``: no axes (``()``, ``[]``) means every axis."""
+    axes = _axes(dim)
+    return None if axes == () else axes
+
+
+def amax(x: jax.Array, dim: Any = (), keepdim: bool = False) -> jax.Array:
+    """``torch.amax`` (no ``dim``: every axis)."""
+    return jnp.max(x, axis=_every_axis_if_empty(dim), keepdims=keepdim)
+
+
+def amin(x: jax.Array, dim: Any = (), keepdim: bool = False) -> jax.Array:
+    """``torch.amin`` (no ``dim``: every axis)."""
+    return jnp.min(x, axis=_every_axis_if_empty(dim), keepdims=keepdim)
+
+
+def var(x: jax.Array, dim: Any = None, unbiased: bool | None = None, keepdim: bool = False, *,
+        correction: float | None = None) -> jax.Array:
+    """``torch.var(input, dim=None, *, correction=1, keepdim=False)``, also with torch's older
+    ``unbiased`` (``var(input, dim, unbiased, keepdim)``, ``var(input, unbiased)``): the sum of
+    squared deviations over ``max(0, n - correction)``, ``correction = 1`` unless ``unbiased``
+    is False."""
+    if isinstance(dim, bool):  # var(input, unbiased)
+        dim, unbiased = None, dim
+    if correction is not None and unbiased is not None:
+        raise ValueError("var: give correction or unbiased, not both")
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    axes = _axes(dim)
+    n = math.prod(x.shape[int(a)] for a in (range(x.ndim) if axes is None else np.atleast_1d(axes)))
+    squares = jnp.sum(jnp.square(x - jnp.mean(x, axis=axes, keepdims=True)), axis=axes, keepdims=keepdim)
+    return squares / builtins.max(0, n - correction)
+
+
+def std(x: jax.Array, dim: Any = None, unbiased: bool | None = None, keepdim: bool = False, *,
+        correction: float | None = None) -> jax.Array:
+    """``torch.std``: the square root of :func:`var` (same arguments)."""
+    return jnp.sqrt(var(x, dim, unbiased, keepdim, correction=correction))
 
 
 def add(x: Any, other: Any, alpha: float = 1) -> Any:
@@ -251,6 +439,82 @@ def einsum(equation: str, *operands: Any) -> jax.Array:
     if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
         operands = tuple(operands[0])
     return jnp.einsum(equation, *operands, precision=lax.Precision.HIGHEST)
+
+
+def scaled_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                                 attn_mask: jax.Array | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: float | None = None,
+                                 enable_gqa: bool = False) -> jax.Array:
+    """``F.scaled_dot_product_attention``: ``softmax(query @ key^T * scale + bias) @ value`` over
+    ``(..., L, E)`` queries and ``(..., S, E)`` keys, as torch's reference: ``scale`` is
+    ``1 / sqrt(E)`` unless given; a boolean ``attn_mask`` keeps the scores where it is True (the
+    others -inf), a float one is added to them; ``is_causal`` keeps query ``i``'s keys ``j <= i``
+    (with a mask too, both apply: torch's CPU kernel); ``enable_gqa`` repeats each key / value
+    head ``heads(query) / heads(key)`` times (axis -3). A query whose every score is -inf gets
+    zeros, as in torch (its ``_safe_softmax``), not NaN.
+
+    Raises:
+      UnsupportedError: ``dropout_p`` other than 0 (random: not reproducible).
+    """
+    from ..porting.errors import UnsupportedError
+
+    if dropout_p != 0:
+        raise UnsupportedError(f"F.scaled_dot_product_attention: dropout_p={dropout_p!r} drops attention "
+                               "weights at random and cannot be reproduced; only dropout_p=0 is supported")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        if query.shape[-3] % key.shape[-3] or query.shape[-3] % value.shape[-3]:
+            raise ValueError(f"scaled_dot_product_attention: {query.shape[-3]} query heads are not a "
+                             f"multiple of {key.shape[-3]} key / {value.shape[-3]} value heads")
+        key = jnp.repeat(key, query.shape[-3] // key.shape[-3], axis=-3)
+        value = jnp.repeat(value, query.shape[-3] // value.shape[-3], axis=-3)
+    factor = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = matmul(query, jnp.swapaxes(key, -2, -1)) * factor
+    if attn_mask is not None and attn_mask.dtype == jnp.bool_:
+        scores = jnp.where(attn_mask, scores, -jnp.inf)
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    if is_causal:
+        length, source = scores.shape[-2:]
+        scores = jnp.where(np.tril(np.ones((length, source), bool)), scores, -jnp.inf)
+    masked = jnp.all(scores == -jnp.inf, axis=-1, keepdims=True)
+    weights = jax.nn.softmax(jnp.where(masked, 0, scores), axis=-1)
+    return matmul(jnp.where(masked, 0, weights), value)
+
+
+_CONVERSIONS = {"bool": bool, "int": int, "float": float, "index": operator.index, "len": len}
+
+
+def guard(value: Any, conversion: str, expected: Any) -> None:
+    """A specialization's check (``torch.export``'s guard): when translated, the torch forward
+    turned ``value`` -- a shape, or a number computed from shapes -- into the plain Python
+    ``expected`` (``conversion``: ``bool`` for a branch, ``int``, ``float``, ``index``, ``len``)
+    and took the path that value chose. Shapes are static in JAX, so this runs once per trace.
+
+    Raises:
+      ValueError: this input gives another value: torch would run a different forward.
+    """
+    actual = _CONVERSIONS[conversion](value)
+    if actual != expected:
+        raise ValueError(
+            f"this model was specialized when translated: its torch forward read {conversion}(...) "
+            f"= {expected!r} from the example input's shapes, and this input gives {actual!r}, for "
+            "which torch runs a different forward; translate again with an example of this shape")
+
+
+def _math(name: str) -> Callable[[float], Any]:
+    function = getattr(math, name)
+
+    def apply(x: float) -> Any:
+        return function(x)
+
+    apply.__name__ = f"math_{name}"
+    apply.__doc__ = (f"``math.{name}`` of a number computed from shapes (torch.fx records the "
+                     "calls of ``math`` functions).")
+    return apply
+
+
+MATH_FUNCTIONS = ("ceil", "floor", "sqrt", "log", "log2", "exp")
+math_ceil, math_floor, math_sqrt, math_log, math_log2, math_exp = map(_math, MATH_FUNCTIONS)
 
 
 def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -371,12 +635,14 @@ def adaptive_max_pool(x: jax.Array, spatial: int, output_size: Any,
     return _adaptive(x, spatial, output_size, lambda v, axis: jnp.max(v, axis=axis))
 
 
-def _spatial_variant(function, spatial: int):
+def _spatial_variant(function, spatial: int, stem: str | None = None):
+    """``function(x, spatial, ...)`` as torch's ``F.<stem>{spatial}d(x, ...)`` (``stem``: the
+    function's name unless given)."""
     def variant(x, *args, **kwargs):
         return function(x, spatial, *args, **kwargs)
 
-    variant.__name__ = f"{function.__name__}{spatial}d"
-    variant.__doc__ = f"``F.{function.__name__}{spatial}d``."
+    variant.__name__ = f"{stem or function.__name__}{spatial}d"
+    variant.__doc__ = f"``F.{variant.__name__}``."
     return variant
 
 
@@ -518,6 +784,43 @@ def group_norm(x: jax.Array, num_groups: int, weight: jax.Array | None = None,
     return y if bias is None else y + bias.reshape(per_channel)
 
 
+def batch_norm(x: jax.Array, running_mean: jax.Array | None, running_var: jax.Array | None,
+               weight: jax.Array | None = None, bias: jax.Array | None = None, training: bool = False,
+               momentum: float | None = 0.1, eps: float = 1e-5) -> jax.Array:
+    """``F.batch_norm`` on ``(N, C, *)`` by :func:`jaxbn.batch_norm`: with the batch's statistics
+    (``training=True``, no running statistics: timm's ``StdConv2d`` standardizing its weight) or
+    the running ones (``training=False``), then ``* weight + bias`` per channel.
+
+    Raises:
+      UnsupportedError: ``training=True`` with running statistics (torch updates them in place).
+      ValueError: ``training=False`` without them (torch refuses it too).
+    """
+    from ..functional import BatchNormFlags, BatchNormParams, BatchNormState, counter_dtype
+    from ..functional import batch_norm as core_batch_norm
+    from ..porting.errors import UnsupportedError
+
+    given = running_mean is not None, running_var is not None
+    if training and any(given):
+        raise UnsupportedError("F.batch_norm with training=True and running statistics updates "
+                               "running_mean and running_var in place: not supported")
+    if not training and not all(given):
+        raise ValueError("F.batch_norm: running_mean and running_var must be given in evaluation mode")
+    state = None if training else BatchNormState(running_mean, running_var, jnp.zeros((), counter_dtype()))
+    params = None
+    if weight is not None or bias is not None:
+        like = weight if weight is not None else bias
+        params = BatchNormParams(jnp.ones_like(like) if weight is None else weight,
+                                 jnp.zeros_like(like) if bias is None else bias)
+    flags = BatchNormFlags(training=bool(training), momentum=momentum, eps=eps)
+    return core_batch_norm(x, state, params, flags)[0]
+
+
+def normalize(x: jax.Array, p: float = 2.0, dim: Any = 1, eps: float = 1e-12, out: None = None) -> jax.Array:
+    """``F.normalize``: ``x / max(norm_p(x, dim), eps)`` (the vector ``p``-norm over ``dim``)."""
+    norm = jnp.linalg.vector_norm(x, ord=p, axis=_axes(dim), keepdims=True)
+    return x / jnp.maximum(norm, eps)
+
+
 # ---------------------------------------------------------------- convolution, linear
 
 
@@ -589,7 +892,32 @@ def conv_padding(kernel: Sequence[int], padding: Any, dilation: Sequence[int]) -
     return [(p, p) for p in spatial_tuple(padding, len(kernel))]
 
 
+def conv_torch_layout(x: jax.Array, spatial: int, weight: jax.Array, bias: jax.Array | None = None,
+                      stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> jax.Array:
+    """``F.conv{1,2,3}d(input, weight, bias, stride, padding, dilation, groups)``: :func:`conv`
+    with torch's weight ``(out, in / groups, *kernel)``; an unbatched input ``(C, *spatial)``
+    too. ``padding='same'`` with a stride other than 1 is refused, as torch does."""
+    if weight.ndim != spatial + 2 or x.ndim not in (spatial + 1, spatial + 2):
+        raise ValueError(f"conv{spatial}d: weight of shape {weight.shape}, input of shape {x.shape}")
+    stride = spatial_tuple(stride, spatial)
+    if padding == "same" and any(s != 1 for s in stride):
+        raise ValueError(f"conv{spatial}d: padding='same' is not supported for strided convolutions")
+    if x.ndim == spatial + 1:
+        return conv_torch_layout(x[None], spatial, weight, bias, stride, padding, dilation, groups)[0]
+    kernel = jnp.moveaxis(weight, (0, 1), (-1, -2))  # (*kernel, in / groups, out)
+    return conv(x, kernel, bias, stride, padding, spatial_tuple(dilation, spatial), groups)
+
+
+conv1d, conv2d, conv3d = (_spatial_variant(conv_torch_layout, n, "conv") for n in (1, 2, 3))
+
+
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     """``F.linear`` with a Flax-layout kernel ``(in, out)``."""
     y = jnp.matmul(x, kernel)
     return y if bias is None else y + bias
+
+
+def linear_torch_layout(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``F.linear(input, weight, bias=None)``: :func:`linear` with torch's weight ``(out, in)``
+    (or ``(in,)``)."""
+    return linear(x, weight.T, bias)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
-import functools
 import inspect
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +33,9 @@ from ..porting.errors import UnsupportedError
 from ..porting.settings import settings_of
 from . import ops
 from .aliasing import Aliasing
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, join_path, refs, same_capture
+from .concrete import (COUNTER_FACTOR, IN_PLACE_OPERATORS, NORM_FUNCTIONS, VALUE, Unknown,
+                       ValueTracer, guard, holds_tensor, value_of)
+from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, join_path, refs, same_capture
 
 __all__ = ["capture", "capture_mode_independent", "check_materialized", "fixed_modes", "flax_name",
            "torch_type_name"]
@@ -63,6 +63,7 @@ def _layer(module: Any, path: str) -> Layer:
     from torch.nn.modules.conv import _ConvNd
 
     where = dict(torch_path=path, torch_type=torch_type_name(module))
+    cls = torch_class(module)
     norm = settings_of(module)
     if norm is not None:
         if norm.num_features is None:
@@ -72,11 +73,10 @@ def _layer(module: Any, path: str) -> Layer:
         kwargs = {**norm.linen_kwargs(), "axis": 1, "param_dtype": dtype}
         return Layer(norm.family.name, tuple(kwargs.items()), tuple(norm.call_kwargs().items()),
                      takes_train=True, is_norm=True, **where)
-    simple = _SIMPLE_LAYERS.get(type(module).__name__) if type(module).__module__.startswith(
-        "torch.nn.modules") else None
+    simple = _SIMPLE_LAYERS.get(cls.__name__) if cls.__module__.startswith("torch.nn.modules") else None
     if simple is not None:
-        cls, attributes = simple
-        return Layer(cls, tuple((a, _plain(getattr(module, a))) for a in attributes), **where)
+        name, attributes = simple
+        return Layer(name, tuple((a, _plain(getattr(module, a))) for a in attributes), **where)
     if isinstance(module, _ConvNd) and not module.transposed:
         kwargs = dict(in_channels=module.in_channels, out_channels=module.out_channels,
                       kernel_size=module.kernel_size, stride=module.stride,
@@ -96,33 +96,32 @@ def _layer(module: Any, path: str) -> Layer:
         kwargs = dict(in_features=module.in_features, out_features=module.out_features,
                       bias=module.bias is not None, param_dtype=_dtype(module.weight))
         return Layer("Linear", tuple(kwargs.items()), **where)
-    pool = _pool_layer(module)
+    pool = _pool_layer(module, cls)
     if pool is not None:
         return dataclasses.replace(pool, **where)
-    if type(module) is tnn.Dropout:
+    if cls is tnn.Dropout:
         return Layer("Dropout", (("p", float(module.p)),), takes_train=True, **where)
-    if type(module) in (tnn.Dropout1d, tnn.Dropout2d, tnn.Dropout3d):
-        return Layer("FeatureDropout", (("p", float(module.p)), ("spatial", int(type(module).__name__[-2]))),
+    if cls in (tnn.Dropout1d, tnn.Dropout2d, tnn.Dropout3d):
+        return Layer("FeatureDropout", (("p", float(module.p)), ("spatial", int(cls.__name__[-2]))),
                      takes_train=True, **where)
-    if type(module) is tnn.LayerNorm:
+    if cls is tnn.LayerNorm:
         kwargs = dict(normalized_shape=tuple(module.normalized_shape), eps=float(module.eps),
                       elementwise_affine=module.elementwise_affine, bias=module.bias is not None,
                       param_dtype=_first_dtype(module.weight, module.bias))
         return Layer("LayerNorm", tuple(kwargs.items()), **where)
-    if type(module) is tnn.GroupNorm:
+    if cls is tnn.GroupNorm:
         kwargs = dict(num_groups=module.num_groups, num_channels=module.num_channels,
                       eps=float(module.eps), affine=module.affine,
                       param_dtype=_first_dtype(module.weight, module.bias))
         return Layer("GroupNorm", tuple(kwargs.items()), **where)
-    pad_mode = _PAD_LAYERS.get(type(module).__name__[:-2]) if type(module).__module__.startswith(
-        "torch.nn.modules") else None
+    pad_mode = _PAD_LAYERS.get(cls.__name__[:-2]) if cls.__module__.startswith("torch.nn.modules") else None
     if pad_mode is not None:
         return Layer("Pad", (("padding", _plain(module.padding)), ("mode", pad_mode),
                              ("value", float(getattr(module, "value", 0.0)))), **where)
-    if type(module) is tnn.PReLU:
+    if cls is tnn.PReLU:
         return Layer("PReLU", (("num_parameters", module.num_parameters), ("init", float(module.init)),
                                ("param_dtype", _dtype(module.weight))), **where)
-    if type(module).__name__ == "StochasticDepth" and type(module).__module__.startswith("torchvision"):
+    if cls.__name__ == "StochasticDepth" and cls.__module__.startswith("torchvision"):
         return Layer("StochasticDepth", (("p", float(module.p)), ("mode", module.mode)),
                      takes_train=True, **where)
     raise UnsupportedError(f"{path or 'the model'} ({where['torch_type']}) is not supported")
@@ -145,9 +144,9 @@ _PAD_LAYERS = {"ZeroPad": "constant", "ConstantPad": "constant", "ReflectionPad"
 """torch.nn padding layers (``ZeroPad2d``, ...) by name without ``{1,2,3}d``: their ``F.pad`` mode."""
 
 
-def _pool_layer(module: Any) -> Layer | None:
-    name = type(module).__name__
-    if not type(module).__module__.startswith("torch.nn.modules") or name[-2:] not in ("1d", "2d", "3d"):
+def _pool_layer(module: Any, cls: type) -> Layer | None:
+    name = cls.__name__
+    if not cls.__module__.startswith("torch.nn.modules") or name[-2:] not in ("1d", "2d", "3d"):
         return None
     stem, spatial = name[:-2], int(name[-2])
     if getattr(module, "return_indices", False):
@@ -173,15 +172,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_FORWARDS = ("forward", "_conv_forward")
+"""The methods whose code a torch layer's subclass must inherit to run as that layer."""
+
+
+def torch_class(module: Any) -> type | None:
+    """The torch layer class whose ``forward`` ``module`` runs: its own class for torch's layers
+    (and torchvision's ``StochasticDepth``), the torch base for a subclass that only changes its
+    construction (``class MyConv(nn.Conv2d)`` with its own ``__init__``); ``None`` for a class
+    with its own ``forward`` (timm's ``BatchNormAct2d``, ``Conv2dSame``: traced as blocks)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn.modules") or (
+                cls.__module__.startswith("torchvision.ops") and cls.__name__ == "StochasticDepth"):
+            same = all(getattr(type(module), m, None) is getattr(cls, m, None) for m in _FORWARDS)
+            return cls if same else None
+    return None
+
+
 def _is_torch_layer(module: Any) -> bool:
     """A torch (or torchvision.ops) layer: translated as a whole, never traced into."""
     import torch.nn as tnn
 
     if isinstance(module, (tnn.Sequential, tnn.ModuleList, tnn.ModuleDict)):
         return False
-    cls = type(module)
-    return cls.__module__.startswith("torch.nn") or (
-        cls.__module__.startswith("torchvision.ops") and cls.__name__ == "StochasticDepth")
+    return torch_class(module) is not None
 
 
 def _is_block(module: Any) -> bool:
@@ -204,21 +218,6 @@ def flax_name(relative_path: str) -> str:
 
 
 _ASSERTS = ("_assert_is_none", "_assert")  # fx's guards for specialized (concrete) arguments
-
-_IN_PLACE_OPERATORS = frozenset(getattr(operator, f"i{n}") for n in (
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
-    "lshift", "rshift"))
-"""``x += y`` and the like: in place on a tensor, a new value for a Python number."""
-
-_FRESH_OPS = frozenset({
-    "operator.add", "operator.sub", "operator.mul", "operator.truediv", "operator.floordiv",
-    "operator.eq", "operator.neg", "relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid",
-    "tanh", "gelu", "leaky_relu", "softmax", "add", "mul", "cat", "mean", "sum",
-    *(f"{stem}{n}d" for stem in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool")
-      for n in (1, 2, 3)),
-})
-"""Ops of :data:`.ops.OPS` whose result is always a new tensor; any other op's result may share
-memory with its tensor arguments (a view: ``view``, ``transpose``, indexing, ``chunk``, ...)."""
 
 _FRESH_LAYERS = frozenset({
     "Conv", "Linear", "MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "ReLU", "ReLU6",
@@ -312,45 +311,6 @@ def _functional_dropout(node: Any, name: str) -> tuple[Any, Any]:
     return p, training
 
 
-class _Tracer:
-    """``torch.fx`` tracing of one block, its children as leaves; ``x += y`` is recorded as
-    ``operator.iadd`` (fx's own ``Proxy`` has no ``__iadd__``, so Python runs ``x = x + y`` and
-    the change torch makes to ``x`` in place would be lost)."""
-
-    def __init__(self, root: Any):
-        import torch.fx as fx
-
-        proxy_class = _in_place_proxy_class()
-
-        class Tracer(fx.Tracer):
-            def is_leaf_module(self, m: Any, qualname: str) -> bool:
-                return m is not root and (_is_torch_layer(m) or _is_block(m))
-
-            def proxy(self, node: Any) -> Any:
-                return proxy_class(node, self)
-
-        self.tracer = Tracer()
-
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None) -> Any:
-        return self.tracer.trace(root, concrete_args=concrete_args)
-
-
-@functools.cache
-def _in_place_proxy_class() -> type:
-    """``torch.fx.Proxy`` with the in-place operators (``__iadd__``, ...) recorded as such."""
-    import torch.fx as fx
-
-    def recorder(function: Any) -> Any:
-        def method(self: Any, other: Any) -> Any:
-            return self.tracer.create_proxy("call_function", function, (self, other), {})
-
-        method.__name__ = f"__{function.__name__}__"
-        return method
-
-    methods = {f"__{f.__name__}__": recorder(f) for f in _IN_PLACE_OPERATORS}
-    return type("InPlaceProxy", (fx.Proxy,), methods)
-
-
 def _has_var_parameters(signature: inspect.Signature) -> bool:
     return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values())
 
@@ -425,11 +385,14 @@ class _Captured:
       block: the IR.
       mutated_inputs: input name -> what changes it (or memory it shares) in place.
       returned_inputs: the inputs whose memory the output may share (returned as is or a view).
+      structured: forward parameter -> the key paths of the tensors inside it, for a parameter
+        given a list, tuple or dict (the block takes those tensors as separate inputs).
     """
 
     block: Block
     mutated_inputs: Mapping[str, str]
     returned_inputs: frozenset[str]
+    structured: Mapping[str, tuple[tuple[Any, ...], ...]] = dataclasses.field(default_factory=dict)
 
 
 def fixed_modes(torch_module: Any) -> dict[str, bool]:
@@ -440,12 +403,16 @@ def fixed_modes(torch_module: Any) -> dict[str, bool]:
             if sub.training != root}
 
 
-def capture(module: Any, path: str = "", concrete_args: dict[str, Any] | None = None, *,
+def capture(module: Any, example_input: Any = None, path: str = "",
+            concrete_args: dict[str, Any] | None = None, *,
             modes: Mapping[str, bool] | None = None) -> Block:
     """Trace ``module`` (a torch module) into a :class:`Block`, its children recursively.
 
     Args:
-      module: the torch module.
+      module: the torch module (not modified: a copy runs the example).
+      example_input: a tensor or a tuple of them, as ``module`` takes: Python that needs a value
+        (shapes, lengths) gets the example's, guarded (:mod:`.concrete`); ``None``: no values,
+        such Python is refused.
       path: its torch path (``''`` for the model).
       concrete_args: arguments fixed at its call site (``torch.fx``'s ``concrete_args``).
       modes: ``{torch path: training}`` of the modules whose mode is fixed (their norm, dropout
@@ -455,7 +422,36 @@ def capture(module: Any, path: str = "", concrete_args: dict[str, Any] | None = 
       UnsupportedError: a module or operation that is not translated, named by path and type.
     """
     modes = fixed_modes(module) if modes is None else modes
-    return _BlockCapture(module, path, concrete_args, modes, frozenset()).run().block
+    values = None
+    if example_input is not None:
+        module = copy.deepcopy(module)
+        examples = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        values = _bind_values(module, tuple(_cloned(e) for e in examples), {})
+    return _BlockCapture(module, path, concrete_args, modes, values).run().block
+
+
+def _cloned(value: Any) -> Any:
+    import torch
+
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _bind_values(module: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``forward``'s parameters -> the values of a call (``None`` where it cannot bind)."""
+    try:
+        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return None
+
+
+_NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+"""A BatchNorm's own tensors: in a subclass's ``forward`` only its norm call reads them."""
+
+
+def _overrides_norm(module: Any) -> bool:
+    """A BatchNorm / InstanceNorm subclass with its own ``forward`` (timm's ``BatchNormAct2d``):
+    traced, its ``F.batch_norm`` call on its own tensors becomes the norm layer."""
+    return settings_of(module) is not None and torch_class(module) is None
 
 
 class _BlockCapture:
@@ -466,49 +462,87 @@ class _BlockCapture:
     """
 
     def __init__(self, module: Any, path: str, concrete_args: Mapping[str, Any] | None,
-                 modes: Mapping[str, bool], scalar_inputs: frozenset[str]):
+                 modes: Mapping[str, bool], values: Mapping[str, Any] | None):
         self.module, self.path, self.modes = module, path, modes
         self.concrete = dict(concrete_args or {})
-        self.scalar_inputs = scalar_inputs
+        self.values = values
         self.where = f"{path or 'the model'} ({torch_type_name(module)})"
         signature = inspect.signature(module.forward)
-        # fx names a constant's placeholders {name}_1, ...; the others keep the parameter's name
-        self.drops_constants = bool(self.concrete) and not _has_var_parameters(signature)
+        self.var_parameters = _has_var_parameters(signature)
         self.parameters = [n for n in signature.parameters if n not in self.concrete]
         self.table, self.methods = ops.torch_callables(), ops.tensor_methods()
         self.inputs: list[tuple[str, Any]] = []
         self.body: list[Op] = []
         self.children: dict[str, Layer | Block] = {}
+        self.variables: dict[str, Variable] = {}
+        self.variable_nodes: set[str] = set()
         self.calls: dict[str, tuple[dict[str, Any], _Captured]] = {}
         self.scalars: set[str] = set()
         self.aliasing = Aliasing({})
+        self.names: set[str] = set()
+        self.is_norm = _overrides_norm(module)
+        self.norm_reads: dict[str, str] = {}  # get_attr node -> the norm tensor it reads
+        self.norm_uses: set[str] = set()  # nodes allowed to read them (the norm call, the count)
+        self.placeholder_values, self.input_targets, self.structured, self.pytree_args = self._plan_inputs()
+
+    def _plan_inputs(self) -> tuple[dict[str, Any], set[str], dict[str, tuple], dict[str, Any]]:
+        """Placeholder target -> example value, the targets that are inputs (the others are
+        constants fixed at the call site), the structured parameters' key paths and fx's
+        ``concrete_args`` marking their tensors (``torch.fx.PH``)."""
+        import torch
+        import torch.fx as fx
+        import torch.utils._pytree as pytree
+
+        values = self.values if self.values is not None else {}
+        placeholder_values, targets, structured, pytree_args = {}, set(), {}, {}
+        for name in self.parameters:
+            value = values.get(name, Unknown(f"no example value for {name!r}"))
+            if self.var_parameters or not isinstance(value, (list, tuple, dict)) or isinstance(value, torch.Size):
+                placeholder_values[name] = value
+                targets.add(name if not self.var_parameters else name)
+                continue
+            leaves = pytree.tree_flatten_with_path(value)[0]
+            paths = []
+            for k, (key_path, leaf) in enumerate(leaves, 1):
+                if isinstance(leaf, torch.Tensor):
+                    placeholder_values[f"{name}_{k}"] = leaf
+                    targets.add(f"{name}_{k}")
+                    paths.append(tuple(_key(key, self.where) for key in key_path))
+            structured[name] = tuple(paths)
+            spec = pytree.tree_structure(value)
+            pytree_args[name] = pytree.tree_unflatten(
+                [fx.PH if isinstance(leaf, torch.Tensor) else leaf for _, leaf in leaves], spec)
+        return placeholder_values, targets, structured, pytree_args
 
     def run(self) -> _Captured:
         graph = self._trace()
         nodes = list(graph.nodes)
+        self.names = {n.name for n in nodes}
         position = {node: i for i, node in enumerate(nodes)}
         self.aliasing = Aliasing({n.name: max(position[u] for u in n.users) for n in nodes if n.users})
         output = None
         for i, node in enumerate(nodes):
             if node.op == "output":
-                output = self._arg(node.args[0])
-            elif node.op == "get_attr":
-                raise UnsupportedError(
-                    f"{join_path(self.path, node.target)}: a parameter or buffer used directly in "
-                    f"{torch_type_name(self.module)}.forward is not supported (only inside layers)")
+                output = self._arg(_unflattened_output(graph, node.args[0]))
             else:
                 getattr(self, f"_{node.op}")(node, i)
+        self._check_norm_reads(nodes)
         block = Block(torch_type_name(self.module), self.path, tuple(self.inputs),
-                      _live(tuple(self.body), output), output, tuple(self.children.items()))
+                      _live(tuple(self.body), output), output, tuple(self.children.items()),
+                      tuple(self.variables.values()))
         return _Captured(block, dict(self.aliasing.mutated_inputs),
-                         frozenset(self.aliasing.inputs_shared_by(refs(output))))
+                         frozenset(self.aliasing.inputs_shared_by(refs(output))), self.structured)
 
     def _trace(self) -> Any:
+        concrete = {**self.concrete, **self.pytree_args}
+        free = frozenset({"num_batches_tracked"}) if self.is_norm else frozenset()
+        tracer = ValueTracer(self.module, lambda m: _is_torch_layer(m) or _is_block(m),
+                             self.placeholder_values, self.where, free)
         try:
-            return _Tracer(self.module).trace(self.module, self.concrete or None)
+            return tracer.trace(concrete or None)
         except UnsupportedError:
             raise
-        except Exception as error:  # data-dependent control flow and the like
+        except Exception as error:  # a Python construct fx cannot follow
             raise UnsupportedError(f"{self.where} cannot be traced with torch.fx: "
                                    f"{type(error).__name__}: {error}") from error
 
@@ -519,19 +553,58 @@ class _BlockCapture:
     def _kwargs(self, kwargs: Mapping[str, Any], drop: tuple[str, ...] = ()) -> tuple:
         return tuple((k, self._arg(v)) for k, v in kwargs.items() if k not in drop)
 
+    def _fresh(self, base: str) -> str:
+        """A value name no node and no earlier fresh name has."""
+        name, k = base, 0
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
     # ---------------------------------------------------------------- node kinds
 
     def _placeholder(self, node: Any, i: int) -> None:
-        if self.drops_constants and node.target not in self.parameters:
+        if node.target not in self.input_targets and not self.var_parameters:
             return  # a constant fixed at the call site (fx's guards on it are dropped)
         default = node.args[0] if node.args else NO_DEFAULT
         if default is not NO_DEFAULT:
             default = _convert_arg(default, self.where)
         self.inputs.append((node.name, default))
-        if node.target in self.scalar_inputs:
+        value = node.meta.get(VALUE)
+        if value is not None and not isinstance(value, Unknown) and not holds_tensor(value):
             self.scalars.add(node.name)
         else:
             self.aliasing.new(node.name, i, is_input=True)
+
+    def _get_attr(self, node: Any, i: int) -> None:
+        """A parameter or buffer the forward reads itself: a :class:`Variable` of the block
+        (a norm subclass's own norm tensors: only for its norm call)."""
+        import torch
+
+        target = node.target
+        if self.is_norm and target in _NORM_TENSORS:
+            self.norm_reads[node.name] = target
+            return
+        full = join_path(self.path, target)
+        if "." in target:
+            raise UnsupportedError(
+                f"{full}: a parameter or buffer of a submodule read directly in "
+                f"{torch_type_name(self.module)}.forward is not supported (only its own)")
+        tensor = node.meta.get(VALUE)  # as read (the forward may assign the attribute later)
+        if target not in self.module._parameters and target not in self.module._buffers:
+            raise UnsupportedError(
+                f"{full}: a tensor constant in {torch_type_name(self.module)}.forward (neither a "
+                "parameter nor a buffer) is not supported: register it as a buffer")
+        if not isinstance(tensor, torch.Tensor):
+            raise UnsupportedError(f"{full}: read in {torch_type_name(self.module)}.forward while "
+                                   "it is not a tensor: not supported")
+        collection = "params" if target in self.module._parameters else "batch_stats"
+        self.variables[target] = Variable(target, collection, tuple(tensor.shape),
+                                          _numpy_dtype(tensor.dtype, full))
+        self.body.append(Op(node.name, "variable", target, ()))
+        self.aliasing.new(node.name, i)
+        self.variable_nodes.add(node.name)
 
     def _call_module(self, node: Any, i: int) -> None:
         name = flax_name(node.target)
@@ -556,9 +629,9 @@ class _BlockCapture:
             fresh = layer.is_norm or layer.cls in _FRESH_LAYERS
             self.aliasing.new(node.name, i, () if fresh else refs(op.args))
 
-    def _layer(self, sub: Any, full: str) -> Layer:
+    def _layer(self, sub: Any, full: str, **changes: Any) -> Layer:
         """The child layer; a fixed mode (:func:`fixed_modes`) becomes a constant ``train``."""
-        layer = _layer_or_raise(sub, full)
+        layer = dataclasses.replace(_layer_or_raise(sub, full), **changes)
         mode = self.modes.get(full)
         if mode is None or not layer.takes_train:
             return layer
@@ -566,43 +639,60 @@ class _BlockCapture:
                                    call_kwargs=layer.call_kwargs + (("train", mode),))
 
     def _block_call(self, node: Any, i: int, sub: Any, name: str, full: str) -> None:
-        """A call of a child block: captured with this call's constants (the same forward at
-        every call, else refused), its in-place changes to its inputs checked here."""
-        import torch.fx as fx
-
+        """A call of a child block: captured with this call's constants and example values (the
+        same forward at every call, else refused), its in-place changes to its inputs checked
+        here; a list, tuple or dict argument is passed as the tensors inside it."""
         concrete = _concrete_args(sub, node)
         call = _call_arguments(sub, node, concrete)
+        values = None if self.values is None else _bind_values(sub, value_of(node.args), value_of(node.kwargs))
+        captured = _BlockCapture(sub, full, concrete, self.modes, values).run()
         previous = self.calls.get(name)
-        if previous is not None and _same_constants(previous[0], concrete):
-            captured = previous[1]
-        else:
-            scalar = frozenset(n for n, v in (call or {}).items()
-                               if isinstance(v, fx.Node) and v.name in self.scalars)
-            captured = _BlockCapture(sub, full, concrete, self.modes, scalar).run()
-            if previous is None:
-                self.calls[name] = (concrete, captured)
-                self.children[name] = captured.block
-            elif not same_capture(captured.block, previous[1].block):
-                raise UnsupportedError(
-                    f"{full} ({torch_type_name(sub)}): called with different constant arguments "
-                    f"({_show(previous[0])}; then {_show(concrete)}), which change what its forward "
-                    "runs: not supported")
+        if previous is None:
+            self.calls[name] = (concrete, captured)
+            self.children[name] = captured.block
+        elif not same_capture(captured.block, previous[1].block):
+            raise UnsupportedError(
+                f"{full} ({torch_type_name(sub)}): called with different constant arguments or "
+                f"input shapes ({_show(previous[0])}; then {_show(concrete)}), which change what "
+                "its forward runs: not supported")
         if call is None:
             op = Op(node.name, "module", name, self._arg(node.args), self._kwargs(node.kwargs))
+            by_input: dict[str, Any] = {}
         else:
-            op = Op(node.name, "module", name, self._arg(tuple(call.values())))
+            args = []
+            for parameter, argument in call.items():
+                paths = captured.structured.get(parameter)
+                if paths is None:
+                    args.append(self._arg(argument))
+                else:
+                    args += [self._leaf(argument, path, i) for path in paths]
+            op = Op(node.name, "module", name, tuple(args))
+            by_input = dict(zip([n for n, _ in captured.block.inputs], op.args))
         self.body.append(op)
-        by_input = (dict(zip([n for n, _ in captured.block.inputs], op.args)) if call is not None
-                    else {})
         for input_name, culprit in captured.mutated_inputs.items():
             for target in sorted(refs(by_input.get(input_name, op.args))):
-                if self.aliasing.changed_by_call(target, i, culprit) is not None:
+                if target in self.variable_nodes or self.aliasing.changed_by_call(target, i, culprit) is not None:
                     raise UnsupportedError(
                         f"{self.where}: {full} ({torch_type_name(sub)}) modifies its input "
                         f"{input_name!r} in place ({culprit}) and {self.path or 'the model'} reads "
                         "that tensor afterwards: not supported")
         shared = set().union(*(refs(by_input.get(n, op.args)) for n in captured.returned_inputs))
         self.aliasing.new(node.name, i, shared)
+
+    def _leaf(self, argument: Any, path: tuple, i: int) -> Any:
+        """The tensor at ``path`` (indices / keys) inside a structured call argument: taken from
+        the Python structure, then from a value (a child's returned list) with ``getitem``."""
+        import torch.fx as fx
+
+        while path and not isinstance(argument, fx.Node):
+            argument, path = argument[path[0]], path[1:]
+        result = self._arg(argument)
+        for key in path:
+            out = self._fresh(f"{result.name}_item")
+            self.body.append(Op(out, "function", "operator.getitem", (result, key)))
+            self.aliasing.new(out, i, {result.name})
+            result = Ref(out)
+        return result
 
     def _call_function(self, node: Any, i: int) -> None:
         import torch.fx as fx
@@ -611,7 +701,10 @@ class _BlockCapture:
         name = getattr(target, "__name__", str(target))
         if name in _ASSERTS:
             return
-        if name in ("dropout", "stochastic_depth"):  # the training flag is fixed when traced
+        if target is guard:
+            self.body.append(Op(node.name, "function", "guard", self._arg(node.args)))
+            return
+        if name in _FUNCTIONAL_DROPOUTS:  # the training flag is fixed when traced
             p, training = _functional_dropout(node, name)
             if p != 0 and training is not False:
                 raise UnsupportedError(
@@ -621,11 +714,15 @@ class _BlockCapture:
             op = Op(node.name, "function", "identity", (self._arg(node.args[0]),))
             self._add(i, op, _inplace_flag(target, node.args, node.kwargs), _callable_name(target))
             return
+        if self.is_norm and name in NORM_FUNCTIONS and self._is_own_norm_call(node):
+            self._norm_call(node, i)
+            return
+        self._refuse_norm_read(node)
         if target not in self.table:
             raise UnsupportedError(f"{self.where}: the operation {_callable_name(target)} is not supported")
         if self.table[target] == "getattr" and node.args[1] not in ("shape", "ndim"):
             raise UnsupportedError(f"{self.where}: attribute .{node.args[1]} of a tensor is not supported")
-        if target in _IN_PLACE_OPERATORS:  # on a tensor; a Python number is a new value
+        if target in IN_PLACE_OPERATORS:  # on a tensor; a Python number is a new value
             in_place = isinstance(node.args[0], fx.Node) and node.args[0].name not in self.scalars
         else:
             in_place = _in_place_name(name) or _inplace_flag(target, node.args, node.kwargs)
@@ -634,11 +731,56 @@ class _BlockCapture:
         self._add(i, op, in_place, _callable_name(target))
 
     def _call_method(self, node: Any, i: int) -> None:
+        if self.is_norm and node.target == "add_" and self.norm_reads.get(
+                getattr(node.args[0], "name", None)) == "num_batches_tracked":
+            self.norm_uses.add(node.name)  # torch's count of batches: the norm layer keeps it
+            return
+        self._refuse_norm_read(node)
         if node.target not in self.methods:
             raise UnsupportedError(f"{self.where}: the tensor method .{node.target}() is not supported")
         op = Op(node.name, "function", self.methods[node.target], self._arg(node.args),
                 self._kwargs(node.kwargs))
         self._add(i, op, _in_place_name(node.target), f"Tensor.{node.target}")
+
+    # ---------------------------------------------------------------- a norm subclass
+
+    def _is_own_norm_call(self, node: Any) -> bool:
+        """``F.batch_norm`` on this module's own tensors with exactly the arguments torch's own
+        ``forward`` passes in this mode (its ``training``, ``momentum``, ``eps``)."""
+        return _norm_signature(node, self.norm_reads) == _reference_norm_signature(
+            self.module, node.args[0].meta.get(VALUE) if isinstance(node.args[0], _fx_node()) else None)
+
+    def _norm_call(self, node: Any, i: int) -> None:
+        """The module's norm: a :mod:`jaxbn.linen` layer sharing this block's variables."""
+        name = next(n for n in ("norm", "norm_", "norm__", "batch_norm") if n not in self.module._modules)
+        self.children[name] = self._layer(self.module, self.path, shares_scope=True)
+        self.body.append(Op(node.name, "module", name, (self._arg(node.args[0]),)))
+        self.aliasing.new(node.name, i)
+        self.norm_uses.add(node.name)
+
+    def _refuse_norm_read(self, node: Any) -> None:
+        for arg in _fx_nodes((node.args, node.kwargs)):
+            if arg.name in self.norm_reads:
+                raise UnsupportedError(
+                    f"{self.where}: its forward reads its BatchNorm tensor "
+                    f"{self.norm_reads[arg.name]!r} outside torch's own norm call "
+                    f"({_callable_name(node.target) if node.op == 'call_function' else node.target}): "
+                    "not supported")
+
+    def _check_norm_reads(self, nodes: list) -> None:
+        for node in nodes:
+            if node.name in self.norm_reads:
+                for user in node.users:
+                    if user.name not in self.norm_uses:
+                        raise UnsupportedError(
+                            f"{self.where}: its forward reads its BatchNorm tensor "
+                            f"{self.norm_reads[node.name]!r} outside torch's own norm call: not supported")
+        if self.is_norm and not any(op.kind == "module" and dict(self.children).get(op.target) is not None
+                                    and getattr(self.children[op.target], "shares_scope", False)
+                                    for op in self.body):
+            raise UnsupportedError(
+                f"{self.where}: a BatchNorm subclass whose forward does not call F.batch_norm on "
+                "its own tensors as torch's BatchNorm does: not supported")
 
     # ---------------------------------------------------------------- values
 
@@ -654,17 +796,107 @@ class _BlockCapture:
             self.scalars.add(op.out)
         else:
             arguments = refs(op.args) | refs(tuple(v for _, v in op.kwargs))
-            self.aliasing.new(op.out, i, () if op.target in _FRESH_OPS else arguments - self.scalars)
+            self.aliasing.new(op.out, i, arguments - self.scalars if ops.OPS[op.target].view else ())
 
     def _in_place(self, op: Op, i: int, what: str, culprit: str) -> None:
         """``op`` (``what``) changes its first argument in place: later reads read its result;
         ``culprit`` names it for a caller whose tensor it changes."""
-        conflict = self.aliasing.in_place(op.args[0].name, op.out, i, culprit)
+        target = op.args[0].name
+        variable = next((v for v in self.aliasing.sharing(target) if v in self.variable_nodes), None)
+        if variable is not None:
+            raise UnsupportedError(
+                f"{self.where}: {what} changes a parameter or buffer of "
+                f"{self.path or 'the model'} in place: not supported")
+        conflict = self.aliasing.in_place(target, op.out, i, culprit)
         if conflict is not None:
             raise UnsupportedError(
                 f"{self.where}: {what} changes a tensor in place that shares "
                 f"memory with {conflict!r} (a view of it, or a module returning its input), which "
                 "is read afterwards: not supported")
+
+
+def _unflattened_output(graph: Any, output: Any) -> Any:
+    """The forward's output: fx flattens it (a list of nodes) when inputs were given as
+    structures (``torch.fx.PH`` leaves); its recorded spec puts the structure back."""
+    import torch.utils._pytree as pytree
+
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return output
+    return pytree.tree_unflatten(list(output), info.out_spec)
+
+
+_FUNCTIONAL_DROPOUTS = {"dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
+                        "alpha_dropout": False, "feature_alpha_dropout": False,
+                        "stochastic_depth": True}
+"""Functional dropouts (their ``training`` default): identities when ``p=0`` or not training."""
+
+
+def _fx_node() -> type:
+    import torch.fx as fx
+
+    return fx.Node
+
+
+def _fx_nodes(argument: Any) -> list:
+    import torch.fx as fx
+
+    found: list = []
+    fx.node.map_arg(argument, found.append)
+    return found
+
+
+def _key(key: Any, where: str) -> Any:
+    """A pytree key path entry -> the index or dict key it reads."""
+    for attribute in ("idx", "key"):
+        if hasattr(key, attribute):
+            return getattr(key, attribute)
+    raise UnsupportedError(f"{where}: an input structure with {type(key).__name__} entries is not supported")
+
+
+_CUMULATIVE = "cumulative average"
+"""A norm call's ``momentum`` that is torch's ``1 / num_batches_tracked`` (``momentum=None``)."""
+
+
+def _norm_signature(node: Any, reads: Mapping[str, str]) -> tuple:
+    """A norm function call's arguments but the input: the module's tensors by name, the
+    cumulative-average factor as :data:`_CUMULATIVE`, other values as they are."""
+    import torch.fx as fx
+
+    signature = inspect.signature(node.target)
+    bound = signature.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    factor = node.meta.get(COUNTER_FACTOR)
+    out = [node.target.__name__]
+    for name, value in list(bound.arguments.items())[1:]:
+        if isinstance(value, fx.Node):
+            value = ("tensor", reads.get(value.name, value.name))
+        elif name == "momentum" and factor is not None and value == factor:
+            value = _CUMULATIVE
+        out.append((name, value))
+    return tuple(out)
+
+
+def _reference_norm_signature(module: Any, example: Any) -> tuple | None:
+    """What torch's own norm class (the first torch class in ``module``'s MRO) passes to its norm
+    function in ``module``'s current state and mode: the spec a subclass's call must match."""
+    import torch
+
+    if not isinstance(example, torch.Tensor):
+        return None
+    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules"))
+    shadow = copy.copy(module)  # shares the tensors
+    shadow.__class__ = base
+    shadow.num_batches_tracked = (None if module.num_batches_tracked is None
+                                  else module.num_batches_tracked.clone())  # its count stays
+    tracer = ValueTracer(shadow, lambda m: True, {"input": example},
+                         f"{torch_type_name(module)}'s torch base {base.__name__}",
+                         frozenset({"num_batches_tracked"}))
+    graph = tracer.trace(None)
+    reads = {n.name: n.target for n in graph.nodes if n.op == "get_attr"}
+    calls = [n for n in graph.nodes if n.op == "call_function"
+             and getattr(n.target, "__name__", None) in NORM_FUNCTIONS]
+    return _norm_signature(calls[0], reads) if len(calls) == 1 else None
 
 
 def _layer_or_raise(module: Any, path: str) -> Layer:
@@ -678,12 +910,12 @@ def _layer_or_raise(module: Any, path: str) -> Layer:
 
 
 def _live(ops: tuple[Op, ...], output: Any) -> tuple[Op, ...]:
-    """Drop function results nobody uses (fx's guard comparisons); module calls always stay
-    (they own variables)."""
+    """Drop function results nobody uses (fx's asserts on constants); module calls (they own
+    variables) and guards always stay."""
     needed = refs(output)
     kept = []
     for op in reversed(ops):
-        if op.kind == "module" or op.out in needed:
+        if op.kind == "module" or op.target == "guard" or op.out in needed:
             kept.append(op)
             needed |= refs(op.args) | refs(tuple(v for _, v in op.kwargs))
     return tuple(reversed(kept))
@@ -699,7 +931,7 @@ def check_materialized(torch_module: Any) -> None:
                                    "materialized: run the torch model once on an input first")
 
 
-def capture_mode_independent(torch_module: Any) -> Block:
+def capture_mode_independent(torch_module: Any, example_input: Any = None) -> Block:
     """:func:`capture` of the module in train mode and in eval mode (on copies), refusing a
     forward whose Python code branches on ``self.training``: ``torch.fx`` would fix the branch
     taken when traced, while the Flax module's mode is ``train`` at call time.
@@ -709,8 +941,8 @@ def capture_mode_independent(torch_module: Any) -> Block:
     module set back to its own mode (the fine-tuning recipe ``model.train(); bn.eval()``).
     """
     modes = fixed_modes(torch_module)
-    trained = capture(_in_mode(torch_module, True, modes), modes=modes)
-    evaluated = capture(_in_mode(torch_module, False, modes), modes=modes)
+    trained = capture(_in_mode(torch_module, True, modes), example_input, modes=modes)
+    evaluated = capture(_in_mode(torch_module, False, modes), example_input, modes=modes)
     if not same_capture(trained, evaluated):
         path, torch_type = _first_difference(trained, evaluated)
         raise UnsupportedError(

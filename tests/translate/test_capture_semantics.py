@@ -24,29 +24,9 @@ from torch import nn
 import jaxbn
 from jaxbn import porting
 from jaxbn.porting import UnsupportedError
-from helpers import Chain, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
+from helpers import Chain, import_torchvision, warmed, jax_sgd_steps, perturbed, rel_diff, torch_sgd_steps
 
 F64 = torch.float64
-_LIBRARY = []
-
-
-def import_torchvision():
-    """torchvision beside the CPU torch (docs/porting.md): the two C-op schemas defined once per
-    process -- by test_from_torch's helper where it exists, as it defines them unconditionally."""
-    try:
-        from test_from_torch import import_torchvision as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared()
-    for op in ("nms", "qnms"):
-        if not hasattr(torch.ops.torchvision, op):
-            library = torch.library.Library("torchvision", "FRAGMENT")
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _LIBRARY.append(library)  # keep the definition alive
-    import torchvision
-
-    return torchvision
 
 
 def apply_eval(model, x):
@@ -78,15 +58,7 @@ def resnet18_with_frozen_norms(k):
     fine-tuning recipe: ``model.train()`` and the first ``k`` BatchNorms back in eval."""
     models = import_torchvision().models
     torch.manual_seed(0)
-    model = models.resnet18(num_classes=10).double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if n.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=F64))
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, 32, 32, generator=g, dtype=F64))
+    model = warmed(models.resnet18(num_classes=10), (8, 3, 32, 32))
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     model.train()
     for m in bns[:k]:
