@@ -6,7 +6,8 @@ trivial buffers), then eval within 1e-9 of torch, two SGD steps (on the mean squ
 output, so every model trains the same way) within 100x torch's own sensitivity (the same steps
 with every weight perturbed by 1e-15 relative), BatchNorm counters equal, and the strict round trip
 back to torch bit-exact. The default run keeps two small models (timm's ``BatchNormAct2d`` and a
-U-Net passing lists between blocks); the rest are ``slow``.
+U-Net passing lists between blocks); the rest are marked ``zoo`` and run with ``pytest -m zoo``
+(minutes each: too long for the default run).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def jax_square(out, y):
     return jnp.mean(out ** 2)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.zoo)
                                   for n in [*TIMM, "smp_unet_resnet18"]])
 def test_zoo_model_matches_torch(name):
     model = zoo_model(name)
