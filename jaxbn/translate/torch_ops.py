@@ -33,8 +33,30 @@ def relu6(x: jax.Array, inplace: bool = False) -> jax.Array:
 
 
 def hardsigmoid(x: jax.Array, inplace: bool = False) -> jax.Array:
-    """``F.hardsigmoid``: ``min(max(x + 3, 0), 6) / 6``."""
+    """``F.hardsigmoid``: ``min(max(x + 3, 0), 6) / 6``, with torch's gradient: its CPU kernel
+    multiplies by the float32 constant ``1/6`` in every dtype (``0.1666666716337204``, ~3e-8
+    relative off in float64; docs/semantics.md)."""
+    return _hardsigmoid(x)
+
+
+_ONE_SIXTH_FLOAT32 = float(np.float32(1.0) / np.float32(6.0))
+
+
+@jax.custom_vjp
+def _hardsigmoid(x: jax.Array) -> jax.Array:
     return relu6(x + 3) / 6
+
+
+def _hardsigmoid_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _hardsigmoid(x), x
+
+
+def _hardsigmoid_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    inside = (x > -3) & (x < 3)  # torch's hardsigmoid_backward: 0 at and beyond +-3
+    return (jnp.where(inside, g * jnp.asarray(_ONE_SIXTH_FLOAT32, g.dtype), jnp.zeros_like(g)),)
+
+
+_hardsigmoid.defvjp(_hardsigmoid_forward, _hardsigmoid_backward)
 
 
 def hardswish(x: jax.Array, inplace: bool = False) -> jax.Array:

@@ -341,3 +341,15 @@ def test_interpolate_in_float32(mode, corners, scale):
     if mode == "nearest":
         np.testing.assert_array_equal(np.asarray(y), expected.numpy())
     np.testing.assert_allclose(np.asarray(y), expected.numpy(), rtol=0, atol=4e-6)
+
+
+def test_hardsigmoid_gradient_is_torch_s_bit_for_bit():
+    """torch's CPU hardsigmoid backward multiplies by float32(1/6) in float64 too (pinned in
+    docs/semantics.md): the port's gradient is torch's, at the flat parts' edges included."""
+    from jaxbn.translate import torch_ops
+
+    x = np.array([-4.0, -3.0, -2.5, -1e-3, 0.0, 1.0, 2.999, 3.0, 5.0])
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.hardsigmoid(t).sum().backward()
+    grad = jax.grad(lambda v: torch_ops.hardsigmoid(v).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad), t.grad.numpy())
