@@ -139,17 +139,25 @@ def resnet18(norm: str, dtype: Any):
 
 
 def jax_step(norm: str, dtype: Any, images: np.ndarray, labels: np.ndarray):
-    """``(run, compile_seconds, compiled, recompile)``: ``run()`` steps a buffer-donating compiled
-    ``state = step(state)`` on fixed data; compiling it took ``compile_seconds`` (trace, lower,
-    compile) and gave ``compiled`` (its optimized HLO, its memory analysis); ``recompile()`` times
-    a fresh compile of the step."""
+    """:func:`train_step` of :func:`resnet18` with ``norm``, freshly initialized."""
+    import jax
+    import jax.numpy as jnp
+
+    model = resnet18(norm, dtype)
+    variables = model.init(jax.random.key(0), jnp.asarray(images), train=False)
+    return train_step(model, variables, images, labels)
+
+
+def train_step(model: Any, variables: dict, images: np.ndarray, labels: np.ndarray):
+    """``(run, compile_seconds, compiled, recompile)`` of the step of any linen ``model`` taking
+    ``train=``: ``run()`` steps a buffer-donating compiled ``state = step(state)`` on fixed data;
+    compiling it took ``compile_seconds`` (trace, lower, compile) and gave ``compiled`` (its
+    optimized HLO, its memory analysis); ``recompile()`` times a fresh compile of the step."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    model = resnet18(norm, dtype)
     x, y = jnp.asarray(images), jnp.asarray(labels)
-    variables = model.init(jax.random.key(0), x, train=False)
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.sgd(LR, momentum=MOMENTUM)
 

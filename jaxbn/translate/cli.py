@@ -238,7 +238,7 @@ def translate(model: Any, example: Any, channels_last: bool) -> tuple[str, dict[
 
     try:
         ported = from_torch(model, example, channels_last=channels_last)
-        source = emit_source(ported.module.block, channels_last=channels_last)
+        source = emit_source(ported.module.block)
         flat = {k: np.asarray(v) for k, v in names_from_tree(ported.variables).items()}
     except UnsupportedError as e:
         raise PortFailure(f"{e}; nothing was written", UNTRANSLATABLE) from e

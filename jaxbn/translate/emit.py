@@ -142,6 +142,11 @@ def _written_kwargs(layer: Layer) -> list[tuple[str, Any]]:
             if (layer.is_norm and k in _NORM_CORE) or not _same(defaults.get(k, dataclasses.MISSING), v)]
 
 
+def _is_flax(layer: Layer) -> bool:
+    """One of Flax's own layers (``nn.Conv``), written with the ``nn`` import."""
+    return layer.cls.startswith("nn.")
+
+
 def _all_layers(block: Block) -> Iterator[Layer]:
     for _, child in block.children:
         if isinstance(child, Block):
@@ -175,7 +180,7 @@ class _Emitter:
 
     def __init__(self, root: Block) -> None:
         self.names = Names()
-        layer_names = {layer_class(layer).__name__ for layer in _all_layers(root)}
+        layer_names = {layer_class(layer).__name__ for layer in _all_layers(root) if not _is_flax(layer)}
         for name in [*_IMPORTS, *sorted(layer_names), "Model"]:
             self.names.take(name)
         # locals may reuse class names: methods never refer to a class
@@ -215,11 +220,10 @@ class _Emitter:
 
     # ---- classes
 
-    def model(self, block: Block, channels_last: bool) -> None:
+    def model(self, block: Block) -> None:
         """``Model``: the root, its children built in ``setup``."""
-        fields = [f"    channels_last: bool = {channels_last}", ""]
         body = self._body(block, fields=[], built=self._kept(block), root=True)
-        self.sources.append(self._class_source("Model", block, "\n".join(fields) + "\n" + body))
+        self.sources.append(self._class_source("Model", block, body))
 
     def class_for(self, block: Block) -> str:
         """The class name for a non-root ``block``, its class (and its children's) written once."""
@@ -284,8 +288,10 @@ class _Emitter:
         """``Conv(in_channels=3, ...)`` or ``BasicBlock(conv1=Conv(...), ...)``."""
         if isinstance(child, Layer):
             cls = layer_class(child)
-            self.layer_imports.add((cls.__module__, cls.__name__))
             args = ", ".join(f"{k}={self.constant(v)}" for k, v in _written_kwargs(child))
+            if _is_flax(child):  # Flax's own layer (channels-last): nn.Conv, nn.Dense
+                return f"{child.cls}({args})"
+            self.layer_imports.add((cls.__module__, cls.__name__))
             return f"{cls.__name__}({args})"
         name = self.class_for(child)
         inner = indent + "    "
@@ -300,9 +306,6 @@ class _Emitter:
         if root or self.needs_train(block):
             params.append("train: bool = False")
         lines = [f"    def __call__(self, {', '.join(params)}):"]
-        if root and block.inputs:
-            lines.append("        if self.channels_last:  # NHWC -> torch's NCHW")
-            lines += [f"            {names[n]} = F.to_channels_first({names[n]})" for n, _ in block.inputs]
         children = dict(block.children)
         kept = dict(self._kept(block))
         for op in block.ops:
@@ -319,11 +322,7 @@ class _Emitter:
                 continue
             names[op.out] = scope.fresh(op.out)
             lines.append(f"        {names[op.out]} = {expression}")
-        result = self.constant(block.output, names)
-        if root:
-            lines.append("        if self.channels_last:")
-            lines.append(f"            return jax.tree_util.tree_map(F.to_channels_last, {result})")
-        lines.append(f"        return {result}")
+        lines.append(f"        return {self.constant(block.output, names)}")
         return lines
 
     @staticmethod
@@ -351,16 +350,15 @@ class _Emitter:
         return f"{_attribute(op.target)}({arguments_source(op.args, kwargs, source)})"
 
 
-def emit_source(block: Block, *, channels_last: bool = False) -> str:
-    """Python source defining ``Model`` (a ``flax.linen.Module``) for a captured torch module.
-
-    ``Model(channels_last=...)`` takes NHWC when true; the default is ``channels_last``.
+def emit_source(block: Block) -> str:
+    """Python source defining ``Model`` (a ``flax.linen.Module``) for a captured torch module (in
+    torch's layout, or NHWC for a block :func:`.layout.channels_last` rewrote).
 
     Raises:
       UnsupportedError: a constant that cannot be written exactly (see :func:`constant_source`).
     """
     emitter = _Emitter(block)
-    emitter.model(block, channels_last)
+    emitter.model(block)
     header = [
         f'"""Flax port of {_doc(block.torch_type)}, written by `python -m jaxbn port`.',
         "",

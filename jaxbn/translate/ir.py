@@ -13,8 +13,8 @@ import inspect
 import math
 from typing import Any
 
-__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "Variable", "call_kwargs", "join_path",
-           "refs"]
+__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "Variable", "call_kwargs", "fresh_name",
+           "join_path", "refs"]
 
 NO_DEFAULT = inspect.Parameter.empty
 """An input without a default value."""
@@ -133,6 +133,17 @@ def refs(value: Any) -> set[str]:
         items = value if isinstance(value, tuple) else (value.start, value.stop, value.step)
         return set().union(*(refs(v) for v in items)) if items else set()
     return set()
+
+
+def fresh_name(taken: set[str], base: str) -> str:
+    """``base`` or ``base_1``, ``base_2``, ...: the first not in ``taken`` (then added to it), for
+    a value a pass adds to a block."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 def join_path(path: str, name: str) -> str:

@@ -411,7 +411,10 @@ class StochasticDepth(nn.Module):
 
 
 def layer_class(layer: Layer) -> type[nn.Module]:
-    """The linen class a :class:`~.ir.Layer` names: a :mod:`jaxbn.linen` norm, or one of these."""
+    """The linen class a :class:`~.ir.Layer` names: a :mod:`jaxbn.linen` norm, Flax's own
+    (``nn.Conv``, ``nn.Dense``: the channels-last rewrite, :mod:`.layout`), or one of these."""
+    if layer.cls.startswith("nn."):
+        return getattr(nn, layer.cls.removeprefix("nn."))
     if layer.is_norm:
         from .. import linen
 

@@ -8,6 +8,7 @@ buffer (:class:`~.ir.Variable`). No torch.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,14 +16,13 @@ import flax.linen as nn
 import jax
 
 from ..porting.errors import UnsupportedError
-from . import torch_ops
 from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, call_kwargs, join_path
 from .layers import build_layer
 from .ops import OPS
 
-__all__ = ["TracedModule"]
+__all__ = ["TracedModule", "value_ranks"]
 
-_RESERVED = frozenset(dir(nn.Module)) | {"block", "channels_last"}
+_RESERVED = frozenset(dir(nn.Module)) | {"block"}
 
 
 def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
@@ -46,7 +46,6 @@ class TracedModule(nn.Module):
     """
 
     block: Block
-    channels_last: bool = False
 
     def setup(self) -> None:
         for name, child in self.block.children:
@@ -60,15 +59,14 @@ class TracedModule(nn.Module):
 
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
         env = _bind_inputs(self.block, args, kwargs)
-        if self.channels_last:
-            env = {k: jax.tree_util.tree_map(torch_ops.to_channels_first, v) for k, v in env.items()}
         children = dict(self.block.children)
         for op in self.block.ops:
             env[op.out] = self._run(op, env, children, train)
-        out = _resolve(self.block.output, env)
-        if self.channels_last:
-            out = jax.tree_util.tree_map(torch_ops.to_channels_last, out)
-        return out
+        recorder = _RANKS.get()
+        if recorder is not None:
+            recorder.setdefault(id(self.block), {}).update(
+                {name: value.ndim for name, value in env.items() if hasattr(value, "ndim")})
+        return _resolve(self.block.output, env)
 
     def _run(self, op: Op, env: Mapping[str, Any], children: Mapping[str, Any], train: bool) -> Any:
         """One operation's result: a child module's call, or the op table's function."""
@@ -80,6 +78,23 @@ class TracedModule(nn.Module):
         if op.kind == "variable":
             return self._own_variables[op.target]
         return OPS[op.target].run(*args, **kwargs)
+
+
+_RANKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jaxbn_translate_ranks", default=None)
+
+
+def value_ranks(block: Block, *inputs: Any) -> dict[int, dict[str, int]]:
+    """The rank of every array value of ``block`` and the blocks below it, ``{id(block): {value
+    name: rank}}``, from one abstract run (``jax.eval_shape``) on ``inputs`` in torch's layout."""
+    ranks: dict[int, dict[str, int]] = {}
+    token = _RANKS.set(ranks)
+    try:
+        module = TracedModule(block)
+        key = jax.random.key(0)
+        jax.eval_shape(lambda: module.init({"params": key, "dropout": key}, *inputs, train=False))
+    finally:
+        _RANKS.reset(token)
+    return ranks
 
 
 def _declare(module: nn.Module, variable: Variable) -> jax.Array:

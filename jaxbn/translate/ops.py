@@ -18,6 +18,7 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as flax_linen
 import numpy as np
 
 from . import torch_ops
@@ -62,6 +63,11 @@ def arguments_source(args: tuple, kwargs: tuple, source: Source) -> str:
 def _call(name: str) -> Writer:
     """``F.<name>(args, key=value)``: a :mod:`.torch_ops` function in the emitted file."""
     return lambda args, kwargs, source: f"F.{name}({arguments_source(args, kwargs, source)})"
+
+
+def _flax_call(name: str) -> Writer:
+    """``nn.<name>(args, key=value)``: a ``flax.linen`` function in the emitted file."""
+    return lambda args, kwargs, source: f"nn.{name}({arguments_source(args, kwargs, source)})"
 
 
 def _infix(symbol: str) -> Writer:
@@ -199,6 +205,11 @@ def _table() -> dict[str, OpRule]:
         OpRule("identity", torch_ops.identity, lambda a, k, source: source(a[0]), view=True),
         # a specialization on the example's shapes (.concrete): checked, no value
         OpRule("guard", torch_ops.guard, _call("guard"), ("jaxbn.translate.concrete.guard",)),
+        # the channels-last rewrite (.layout): layout changes and Flax's own pools on NHWC
+        OpRule("to_channels_first", torch_ops.to_channels_first, _call("to_channels_first"), view=True),
+        OpRule("to_channels_last", torch_ops.to_channels_last, _call("to_channels_last"), view=True),
+        OpRule("nn.max_pool", flax_linen.max_pool, _flax_call("max_pool")),
+        OpRule("nn.avg_pool", flax_linen.avg_pool, _flax_call("avg_pool")),
     ]
     rules += [OpRule(f"math.{n}", getattr(torch_ops, f"math_{n}"), _call(f"math_{n}"), (f"math.{n}",))
               for n in torch_ops.MATH_FUNCTIONS]

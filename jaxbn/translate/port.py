@@ -3,8 +3,8 @@
 :func:`from_torch` captures the module (:mod:`.tracing`), wraps the IR in a
 :class:`~.module.TracedModule` and ports the torch ``state_dict`` into its variables with
 :mod:`jaxbn.porting`. The model keeps torch's layout (channels on axis 1, norms with ``axis=1``);
-with ``channels_last=True`` its inputs and outputs of rank >= 3 are NHWC and it transposes once
-at entry and exit.
+with ``channels_last=True`` its inputs and outputs of rank >= 3 are NHWC and it computes NHWC
+inside (:mod:`.layout`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from ..porting.paths import display_name
 from ..porting.report import PortReport
 from ..porting.tensors import tensor_to_numpy
 from . import torch_ops
+from .layout import channels_last as to_channels_last
+from .module import TracedModule, value_ranks
 from .tracing import capture_mode_independent, check_materialized
-from .module import TracedModule
 
 __all__ = ["Ported", "example_arrays", "from_torch", "frozen_params"]
 
@@ -76,7 +77,9 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
       torch_module: the model (not modified; lazy modules must have run once).
       example_input: a torch tensor, or a tuple of them, as the model takes (NCHW): gives the
         shapes and dtypes for the variables.
-      channels_last: the Flax module takes and returns NHWC (rank >= 3) instead.
+      channels_last: the Flax module takes and returns NHWC (rank >= 3) instead and computes
+        NHWC inside, with Flax's own ``nn.Conv`` / ``nn.Dense`` / pools and norms on ``axis=-1``
+        (:mod:`.layout`); the variables are the same.
 
     Returns:
       :class:`Ported` ``(module, variables)``, with ``frozen_params`` (the parameters torch does
@@ -87,7 +90,9 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
     """
     check_materialized(torch_module)
     block = capture_mode_independent(torch_module, example_input)
-    module = TracedModule(block, channels_last=channels_last)
+    if channels_last:
+        block = to_channels_last(block, value_ranks(block, *example_arrays(example_input)))
+    module = TracedModule(block)
     arrays = example_arrays(example_input, channels_last)
     target = target_from_module(module, *arrays, train=False)
     variables, report = torch_to_flax(torch_module.state_dict(), target)

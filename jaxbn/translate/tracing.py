@@ -35,7 +35,8 @@ from . import ops
 from .aliasing import Aliasing
 from .concrete import (COUNTER_FACTOR, IN_PLACE_OPERATORS, NORM_FUNCTIONS, VALUE, Unknown,
                        ValueTracer, guard, holds_tensor, value_of)
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, join_path, refs, same_capture
+from .ir import (NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, fresh_name, join_path, refs,
+                 same_capture)
 
 __all__ = ["capture", "capture_mode_independent", "check_materialized", "fixed_modes", "flax_name",
            "torch_type_name"]
@@ -554,13 +555,7 @@ class _BlockCapture:
         return tuple((k, self._arg(v)) for k, v in kwargs.items() if k not in drop)
 
     def _fresh(self, base: str) -> str:
-        """A value name no node and no earlier fresh name has."""
-        name, k = base, 0
-        while name in self.names:
-            k += 1
-            name = f"{base}_{k}"
-        self.names.add(name)
-        return name
+        return fresh_name(self.names, base)
 
     # ---------------------------------------------------------------- node kinds
 

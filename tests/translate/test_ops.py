@@ -166,6 +166,13 @@ CALLS: dict[str, list[Call]] = {
     "getattr": [Call((X, "shape")), Call((X, "ndim"))],
     "identity": [Call((X,))],
     "guard": [Call((3, "int", 3)), Call((True, "bool", True)), Call((2.5, "float", 2.5))],
+    "to_channels_first": [Call((T("x", (2, 7, 8, 3)),)), Call((T("x", (2, 5, 3)),))],
+    "to_channels_last": [Call((IMAGE,)), Call((SIGNAL,))],
+    "nn.max_pool": [Call((T("x", (2, 7, 8, 3)),), (("window_shape", (3, 3)), ("strides", (2, 2)),
+                                                   ("padding", ((1, 1), (1, 1)))))],
+    "nn.avg_pool": [Call((T("x", (2, 7, 8, 3)),), (("window_shape", (3, 2)), ("strides", (2, 1)),
+                                                   ("padding", ((1, 1), (1, 1))), ("count_include_pad", flag)))
+                    for flag in (True, False)],
     **{f"math.{n}": [Call((2.5,)), Call((7.0,))] for n in ("ceil", "floor", "sqrt", "log", "log2", "exp")},
     "relu": unary(),
     "relu6": unary(),
@@ -272,10 +279,24 @@ CALLS: dict[str, list[Call]] = {
     **{f"{kind}_pool{n}d": pools(kind, n) for kind in ("adaptive_avg", "adaptive_max") for n in (1, 2, 3)},
 }
 
+def _nhwc_pool(pool):
+    """torch's 2-d pool on an NHWC tensor, with Flax's pool arguments (what the channels-last
+    rewrite replaces ``nn.MaxPool2d`` / ``nn.AvgPool2d`` with)."""
+    def run(x, window_shape, strides, padding, **kwargs):
+        y = pool(x.permute(0, 3, 1, 2), window_shape, strides, [low for low, _ in padding], **kwargs)
+        return y.permute(0, 2, 3, 1)
+    return run
+
+
 STANDS_IN_FOR = {
     # capture writes functional dropout with p=0 (its training flag fixed) as the identity
     "identity": {"torch.nn.functional.dropout(p=0)":
                  lambda x: torch.nn.functional.dropout(x, p=0.0, training=True)},
+    # the channels-last rewrite (jaxbn/translate/layout.py): layout changes and Flax's pools
+    "to_channels_first": {"torch.movedim(x, -1, 1)": lambda x: torch.movedim(x, -1, 1)},
+    "to_channels_last": {"torch.movedim(x, 1, -1)": lambda x: torch.movedim(x, 1, -1)},
+    "nn.max_pool": {"F.max_pool2d on NCHW": _nhwc_pool(torch.nn.functional.max_pool2d)},
+    "nn.avg_pool": {"F.avg_pool2d on NCHW": _nhwc_pool(torch.nn.functional.avg_pool2d)},
 }
 
 

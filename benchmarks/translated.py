@@ -1,0 +1,119 @@
+"""A translated torch model against the same network written by hand: the train step's speed,
+and what translating costs.
+
+Run from the repository root::
+
+    python benchmarks/translated.py                # CPU: float32, batch 16, 96x96
+    python benchmarks/translated.py --rounds 30
+
+Prints, measured side by side in one run (rounds interleaved, medians; run.py's Timer):
+
+* ``translated`` -- torchvision's ResNet-18 through ``jaxbn.from_torch(..., channels_last=True)``
+  (NHWC inside, Flax's ``nn.Conv`` / ``nn.Dense``, ``jaxbn.linen`` norms on ``axis=-1``);
+* ``by hand``    -- benchmarks/step.py's ResNet-18 with ``jaxbn.linen.BatchNorm`` (the same
+  architecture written directly in Flax);
+
+both with step.py's train step (softmax cross-entropy, optax SGD with momentum, donated buffers)
+on the same batch, and their ratio. Then, for ResNet-50 in float64: the seconds ``from_torch``
+takes and the seconds the first training step takes to compile. Writes no file.
+
+torchvision's wheel is built against CUDA torch; on the CPU torch its two C-op schemas are
+defined first (docs/porting.md), as the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import run as bench  # noqa: E402
+import step  # noqa: E402
+
+
+@functools.cache
+def torchvision():
+    """torchvision beside the CPU torch (docs/porting.md), its schemas defined once."""
+    import torch
+
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _LIBRARIES.append(library)  # keep the definitions alive
+    import torchvision as tv
+
+    return tv
+
+
+_LIBRARIES: list = []
+
+
+def translated_step(images, labels):
+    """:func:`step.train_step` of the translated torchvision ResNet-18 (channels-last)."""
+    import torch
+
+    import jaxbn
+
+    torch.manual_seed(0)
+    model = torchvision().models.resnet18(num_classes=step.NUM_CLASSES)
+    example = torch.from_numpy(images[:2].transpose(0, 3, 1, 2).copy())
+    ported = jaxbn.from_torch(model, example, channels_last=True)
+    return step.train_step(ported.module, ported.variables, images, labels)
+
+
+def translation_cost() -> tuple[float, float]:
+    """ResNet-50, float64: ``from_torch`` seconds, first train step's compile seconds."""
+    import jax
+    import numpy as np
+    import torch
+
+    import jaxbn
+
+    jax.config.update("jax_enable_x64", True)
+    torch.manual_seed(0)
+    model = torchvision().models.resnet50(num_classes=10).double()
+    x = torch.randn(8, 3, 64, 64, dtype=torch.float64)
+    t0 = time.perf_counter()
+    ported = jaxbn.from_torch(model, x)
+    translate = time.perf_counter() - t0
+    images = np.asarray(x.numpy())
+    labels = np.zeros(8, dtype=np.int32)
+    _, compile_seconds, _, _ = step.train_step(ported.module, ported.variables, images, labels)
+    return translate, compile_seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep the system allocator (run.py's CPU settings otherwise)")
+    args = parser.parse_args(argv)
+    bench.prepare_cpu_process(args.default_malloc)
+
+    import jax.numpy as jnp
+
+    print(f"machine: {bench.machine_description('cpu')}", flush=True)
+    images, labels = step.batch_data(args.batch, args.image)
+    fns, compile_seconds = {}, {}
+    fns["by hand"], compile_seconds["by hand"], _, _ = step.jax_step("jaxbn", jnp.float32, images, labels)
+    fns["translated"], compile_seconds["translated"], _, _ = translated_step(images, labels)
+    medians = bench.time_interleaved(fns, {k: bench.jax_sync for k in fns}, args.rounds)
+    print(f"\nResNet-18 train step, float32, batch {args.batch}, {args.image}x{args.image}, "
+          f"{args.rounds} interleaved rounds (medians):")
+    for name in fns:
+        print(f"  {name:<11} {medians[name]:8.1f} ms   (compile {compile_seconds[name]:.1f} s)")
+    print(f"  translated / by hand: {medians['translated'] / medians['by hand']:.3f}")
+    translate, first_compile = translation_cost()
+    print(f"\nResNet-50, float64: from_torch {translate:.1f} s, first train step compiles in "
+          f"{first_compile:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
