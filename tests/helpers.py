@@ -295,7 +295,8 @@ def torch_sgd_steps(model: torch.nn.Module, xs: list, ys: list, lr: float, *,
             for p in model.parameters():
                 if p.grad is not None:
                     p -= lr * p.grad
-        outs.append(out.detach().numpy())
+        outs.append({k: v.detach().numpy() for k, v in out.items()} if isinstance(out, dict)
+                    else out.detach().numpy())  # a dict output (segmentation models) by key
     return outs, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -317,7 +318,7 @@ def jax_sgd_steps(module: Any, variables: dict, xs: list, ys: list, lr: float, *
     outs = []
     for x, y in zip(xs, ys):
         out, variables = step(variables, jnp.asarray(x.numpy()), None if y is None else jnp.asarray(y.numpy()))
-        outs.append(np.asarray(out))
+        outs.append(jax.tree_util.tree_map(np.asarray, out))
     return outs, variables
 
 

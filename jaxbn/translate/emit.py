@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..porting.errors import UnsupportedError
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, call_kwargs
+from .ir import NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, call_kwargs
 from .layers import layer_class
 from .names import Names, is_attribute, is_field
 from .ops import OPS, arguments_source
@@ -82,6 +82,8 @@ def constant_source(value: Any, ref: Callable[[str], str] | None = None) -> str:
         return f"({inner},)" if len(value) == 1 else f"({inner})"
     if kind is Slice:
         return f"slice({', '.join(constant_source(v, ref) for v in (value.start, value.stop, value.step))})"
+    if kind is Dict:
+        return "{" + ", ".join(f"{constant_source(k)}: {constant_source(v, ref)}" for k, v in value.items) + "}"
     if isinstance(value, np.dtype):
         return _dtype_source(value)
     raise UnsupportedError(f"the constant {value!r} ({kind.__module__}.{kind.__qualname__}) "
@@ -111,6 +113,8 @@ def _leaves(value: Any) -> Iterator[Any]:
             yield from _leaves(v)
     elif isinstance(value, Slice):
         yield from _leaves((value.start, value.stop, value.step))
+    elif isinstance(value, Dict):
+        yield from _leaves(tuple(v for _, v in value.items))
     else:
         yield value
 

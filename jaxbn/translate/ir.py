@@ -13,7 +13,7 @@ import inspect
 import math
 from typing import Any
 
-__all__ = ["NO_DEFAULT", "Block", "Layer", "Op", "Ref", "Slice", "Variable", "call_kwargs", "fresh_name",
+__all__ = ["NO_DEFAULT", "Block", "Dict", "Layer", "Op", "Ref", "Slice", "Variable", "call_kwargs", "fresh_name",
            "join_path", "refs"]
 
 NO_DEFAULT = inspect.Parameter.empty
@@ -34,6 +34,14 @@ class Slice:
     start: Any
     stop: Any
     step: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Dict:
+    """A ``dict`` value (a forward returning ``{'out': x}``): ``items`` as ``(key, value)`` pairs,
+    keys constants, values IR arguments (``dict`` itself is unhashable)."""
+
+    items: tuple[tuple[Any, Any], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +137,8 @@ def refs(value: Any) -> set[str]:
     """The names of the results an argument (possibly nested) uses."""
     if isinstance(value, Ref):
         return {value.name}
+    if isinstance(value, Dict):
+        return refs(tuple(v for _, v in value.items))
     if isinstance(value, (tuple, Slice)):
         items = value if isinstance(value, tuple) else (value.start, value.stop, value.step)
         return set().union(*(refs(v) for v in items)) if items else set()

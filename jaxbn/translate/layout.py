@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..porting.errors import UnsupportedError
-from .ir import Block, Layer, Op, Ref, fresh_name
+from .ir import Block, Dict, Layer, Op, Ref, fresh_name
 
 __all__ = ["channels_last"]
 
@@ -93,6 +93,8 @@ class _Rewrite:
         """``value`` (an argument, possibly nested) with its tensors in layout ``to``."""
         if isinstance(value, tuple):
             return tuple(self._convert(v, to) for v in value)
+        if isinstance(value, Dict):
+            return Dict(tuple((k, self._convert(v, to)) for k, v in value.items))
         if not isinstance(value, Ref) or self._rank(value) < 3:
             if isinstance(value, Ref) and self.layout.get(value.name) == PARTS:
                 raise UnsupportedError(
@@ -115,6 +117,8 @@ class _Rewrite:
         """Tensors of rank >= 3 in NHWC (what a block takes and returns)."""
         if isinstance(value, tuple):
             return tuple(self._as_convention(v) for v in value)
+        if isinstance(value, Dict):
+            return Dict(tuple((k, self._as_convention(v)) for k, v in value.items))
         return self._convert(value, NHWC) if isinstance(value, Ref) and self._rank(value) >= 3 else value
 
     def _emit(self, op: Op, layout: str) -> None:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from ..porting.errors import UnsupportedError
-from .ir import NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, call_kwargs, join_path
+from .ir import NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, call_kwargs, join_path
 from .layers import build_layer
 from .ops import OPS
 
@@ -33,6 +33,8 @@ def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
         return tuple(_resolve(v, env) for v in value)
     if isinstance(value, Slice):
         return slice(_resolve(value.start, env), _resolve(value.stop, env), _resolve(value.step, env))
+    if isinstance(value, Dict):
+        return {k: _resolve(v, env) for k, v in value.items}
     return value
 
 

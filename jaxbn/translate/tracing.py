@@ -35,7 +35,7 @@ from . import ops
 from .aliasing import Aliasing
 from .concrete import (COUNTER_FACTOR, IN_PLACE_OPERATORS, NORM_FUNCTIONS, VALUE, Unknown,
                        ValueTracer, guard, holds_tensor, value_of)
-from .ir import (NO_DEFAULT, Block, Layer, Op, Ref, Slice, Variable, fresh_name, join_path, refs,
+from .ir import (NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, fresh_name, join_path, refs,
                  same_capture)
 
 __all__ = ["capture", "capture_mode_independent", "check_materialized", "fixed_modes", "flax_name",
@@ -255,7 +255,9 @@ def _convert_arg(value: Any, where: str) -> Any:
     if isinstance(value, slice):
         return Slice(*(_convert_arg(v, where) for v in (value.start, value.stop, value.step)))
     if isinstance(value, Mapping):
-        raise UnsupportedError(f"{where}: dict arguments are not supported")
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise UnsupportedError(f"{where}: a dict with keys other than strings and ints is not supported")
+        return Dict(tuple((k, _convert_arg(v, where)) for k, v in value.items()))
     if isinstance(value, torch.dtype):
         return _numpy_dtype(value, where)
     if isinstance(value, (torch.Tensor, torch.device)):
@@ -271,6 +273,8 @@ def _rebound(value: Any, resolve: Any) -> Any:
         return tuple(_rebound(v, resolve) for v in value)
     if isinstance(value, Slice):
         return Slice(*(_rebound(v, resolve) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, Dict):
+        return Dict(tuple((k, _rebound(v, resolve)) for k, v in value.items))
     return value
 
 

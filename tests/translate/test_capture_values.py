@@ -350,3 +350,42 @@ def test_torchvision_frozen_batch_norm_is_exact():
         model[1].running_var.copy_(torch.rand(4, generator=g, dtype=F64) + 0.5)
     ported = check_exact(model, (4, 3, 6, 6))
     assert set(ported.variables["batch_stats"]["1"]) == {"weight", "bias", "running_mean", "running_var"}
+
+
+class Heads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.main = torch.nn.Conv2d(4, 2, 1)
+        self.aux = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.main(x), "aux": self.aux(x)}
+
+
+class DictNet(torch.nn.Module):
+    """torchvision's segmentation models: a submodule and the model return dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+        self.heads = Heads()
+
+    def forward(self, x):
+        heads = self.heads(torch.relu(self.body(x)))
+        return {"out": heads["out"] * 2, "aux": heads["aux"]}
+
+
+def test_dict_outputs_of_submodules_and_model():
+    model = warmed(DictNet().train(), (4, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    expected = {k: v.detach().numpy() for k, v in copy.deepcopy(model).eval()(x).items()}
+    ported = jaxbn.from_torch(model, x)
+    emitted = emitted_model(ported)
+    for module, layout in ((ported.module, None), (emitted, None),
+                           (jaxbn.from_torch(model, x, channels_last=True).module, "nhwc")):
+        inputs = jnp.asarray(x.numpy())
+        y = module.apply(ported.variables, inputs if layout is None else inputs.transpose(0, 2, 3, 1))
+        assert set(y) == {"out", "aux"}
+        for k in y:
+            got = np.asarray(y[k]) if layout is None else np.asarray(y[k]).transpose(0, 3, 1, 2)
+            np.testing.assert_allclose(got, expected[k], rtol=0, atol=1e-13)

@@ -5,8 +5,8 @@ Per model: 1-d parameters perturbed (BatchNorm affine non-trivial) and two train
 trivial buffers), then eval within 1e-9 of torch, two SGD steps (on the mean square of the
 output, so every model trains the same way) within 100x torch's own sensitivity (the same steps
 with every weight perturbed by 1e-15 relative), BatchNorm counters equal, and the strict round trip
-back to torch bit-exact. The default run keeps two small models (timm's ``BatchNormAct2d`` and a
-U-Net passing lists between blocks); the rest are marked ``zoo`` and run with ``pytest -m zoo``
+back to torch bit-exact. The default run keeps three small models (timm's ``BatchNormAct2d``, a
+U-Net passing lists between blocks, torchvision's LR-ASPP returning a dict); the rest are marked ``zoo`` and run with ``pytest -m zoo``
 (minutes each: too long for the default run).
 """
 
@@ -30,7 +30,8 @@ F64 = torch.float64
 TIMM = ["efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "regnetx_002", "regnety_002",
         "densenet121", "cspresnet50", "res2net50_14w_8s", "ecaresnet26t", "resnest14d", "hrnet_w18_small",
         "vgg11_bn", "mobilevit_xxs", "convnext_atto", "resnetv2_50x1_bit"]
-FAST = {"regnetx_002", "smp_unet_resnet18"}
+SEGMENTATION = ["smp_unet_resnet18", "torchvision_lraspp_mobilenet_v3_large", "torchvision_fcn_resnet50"]
+FAST = {"regnetx_002", "smp_unet_resnet18", "torchvision_lraspp_mobilenet_v3_large"}
 
 
 def zoo_model(name: str) -> torch.nn.Module:
@@ -40,6 +41,13 @@ def zoo_model(name: str) -> torch.nn.Module:
         import segmentation_models_pytorch as smp
 
         model = smp.Unet("resnet18", encoder_weights=None, classes=3)
+    elif name.startswith("torchvision_"):  # returns a dict ({'out': ..., 'aux': ...})
+        build = getattr(import_torchvision().models.segmentation, name.removeprefix("torchvision_"))
+        extra = {} if "lraspp" in name else {"aux_loss": True}
+        model = build(weights=None, weights_backbone=None, num_classes=3, **extra)
+        for module in model.modules():  # FCN's head: random masks cannot be compared step by step
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     else:
         import timm
 
@@ -48,15 +56,31 @@ def zoo_model(name: str) -> torch.nn.Module:
 
 
 def square(out, y):
-    return (out ** 2).mean()
+    """The mean square of the output (of each entry of a dict output, summed)."""
+    return sum((v ** 2).mean() for v in out.values()) if isinstance(out, dict) else (out ** 2).mean()
 
 
 def jax_square(out, y):
-    return jnp.mean(out ** 2)
+    return sum(jnp.mean(v ** 2) for v in out.values()) if isinstance(out, dict) else jnp.mean(out ** 2)
+
+
+def as_numpy(out):
+    return {k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else np.asarray(out)
+
+
+def max_diff(a, b):
+    if isinstance(b, dict):
+        assert a.keys() == b.keys()
+        return max(max_diff(a[k], b[k]) for k in b)
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def max_rel(a, b):
+    return max(max_rel(a[k], b[k]) for k in b) if isinstance(b, dict) else rel_diff(a, b)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.zoo)
-                                  for n in [*TIMM, "smp_unet_resnet18"]])
+                                  for n in [*TIMM, *SEGMENTATION]])
 def test_zoo_model_matches_torch(name):
     model = zoo_model(name)
     g = torch.Generator().manual_seed(3)
@@ -66,18 +90,19 @@ def test_zoo_model_matches_torch(name):
 
     evaluated = copy.deepcopy(model).eval()
     with torch.no_grad():
-        expected = evaluated(xs[0]).numpy()
+        expected = evaluated(xs[0])
+    expected = {k: v.numpy() for k, v in expected.items()} if isinstance(expected, dict) else expected.numpy()
     actual = jax.jit(lambda v, x: ported.module.apply(v, x, train=False))(ported.variables, jnp.asarray(xs[0].numpy()))
-    assert np.max(np.abs(np.asarray(actual) - expected)) <= 1e-9
+    assert max_diff(actual, expected) <= 1e-9
 
     lr = 0.05
     t_out, t_state = torch_sgd_steps(model, xs, ys, lr, loss=square)
     p_out, p_state = torch_sgd_steps(perturbed(model), xs, ys, lr, loss=square)
     j_out, j_vars = jax_sgd_steps(ported.module, ported.variables, xs, ys, lr, loss=jax_square)
     j_state, _ = porting.flax_to_torch(j_vars, model)
-    sensitivity = max(max(rel_diff(p, t) for p, t in zip(p_out, t_out)),
+    sensitivity = max(max(max_rel(p, t) for p, t in zip(p_out, t_out)),
                       max(rel_diff(p_state[k], t_state[k]) for k in t_state))
-    assert max(rel_diff(j, t) for j, t in zip(j_out, t_out)) <= 100 * sensitivity
+    assert max(max_rel(j, t) for j, t in zip(j_out, t_out)) <= 100 * sensitivity
     worst = max(t_state, key=lambda k: rel_diff(j_state[k], t_state[k]))
     assert rel_diff(j_state[worst], t_state[worst]) <= 100 * sensitivity, (worst, sensitivity)
     for k in t_state:
