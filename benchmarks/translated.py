@@ -14,8 +14,10 @@ Prints, measured side by side in one run (rounds interleaved, medians; run.py's 
   architecture written directly in Flax);
 
 both with step.py's train step (softmax cross-entropy, optax SGD with momentum, donated buffers)
-on the same batch, and their ratio. Then, for ResNet-50 in float64: the seconds ``from_torch``
-takes and the seconds the first training step takes to compile. Writes no file.
+on the same batch, and their ratio. Then ResNet-50's eval forward (float32, channels-last, the
+same batch) with every BatchNorm folded into its convolution (``jaxbn.fold_batch_norm``) against
+the unfolded one, side by side; and, in float64, the seconds ``from_torch`` takes and the seconds
+its first training step takes to compile. Writes no file.
 
 torchvision's wheel is built against CUDA torch; on the CPU torch its two C-op schemas are
 defined first (docs/porting.md), as the tests do.
@@ -66,6 +68,28 @@ def translated_step(images, labels):
     return step.train_step(ported.module, ported.variables, images, labels)
 
 
+def folded_eval(images):
+    """Eval forwards of the channels-last ResNet-50, unfolded and folded: ``{name: run}``."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import jaxbn
+
+    torch.manual_seed(0)
+    model = torchvision().models.resnet50(num_classes=step.NUM_CLASSES).eval()
+    example = torch.from_numpy(images[:2].transpose(0, 3, 1, 2).copy())
+    ported = jaxbn.from_torch(model, example, channels_last=True)
+    folded, report = jaxbn.fold_batch_norm(ported)
+    x = jnp.asarray(images)
+    runs = {}
+    for name, p in (("unfolded", ported), ("folded", folded)):
+        forward = jax.jit(lambda v, x, module=p.module: module.apply(v, x))
+        forward(p.variables, x).block_until_ready()
+        runs[name] = lambda forward=forward, v=p.variables: forward(v, x)
+    return runs, report
+
+
 def translation_cost() -> tuple[float, float]:
     """ResNet-50, float64: ``from_torch`` seconds, first train step's compile seconds."""
     import jax
@@ -87,6 +111,16 @@ def translation_cost() -> tuple[float, float]:
     return translate, compile_seconds
 
 
+def side_by_side(title: str, fns: dict, ratio: tuple[str, str], rounds: int,
+                 notes: dict[str, str] | None = None) -> None:
+    """Time ``fns`` interleaved and print each median and the ratio ``ratio[0] / ratio[1]``."""
+    medians = bench.time_interleaved(fns, {k: bench.jax_sync for k in fns}, rounds)
+    print(f"\n{title}, {rounds} interleaved rounds (medians):")
+    for name in fns:
+        print(f"  {name:<11} {medians[name]:8.1f} ms{(notes or {}).get(name, '')}")
+    print(f"  {ratio[0]} / {ratio[1]}: {medians[ratio[0]] / medians[ratio[1]]:.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -104,12 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     fns, compile_seconds = {}, {}
     fns["by hand"], compile_seconds["by hand"], _, _ = step.jax_step("jaxbn", jnp.float32, images, labels)
     fns["translated"], compile_seconds["translated"], _, _ = translated_step(images, labels)
-    medians = bench.time_interleaved(fns, {k: bench.jax_sync for k in fns}, args.rounds)
-    print(f"\nResNet-18 train step, float32, batch {args.batch}, {args.image}x{args.image}, "
-          f"{args.rounds} interleaved rounds (medians):")
-    for name in fns:
-        print(f"  {name:<11} {medians[name]:8.1f} ms   (compile {compile_seconds[name]:.1f} s)")
-    print(f"  translated / by hand: {medians['translated'] / medians['by hand']:.3f}")
+    compiled = {name: f"   (compile {seconds:.1f} s)" for name, seconds in compile_seconds.items()}
+    side_by_side(f"ResNet-18 train step, float32, batch {args.batch}, {args.image}x{args.image}",
+                 fns, ("translated", "by hand"), args.rounds, compiled)
+    runs, report = folded_eval(images)
+    side_by_side(f"ResNet-50 eval forward, float32, channels-last, batch {args.batch}, "
+                 f"{args.image}x{args.image} ({len(report.folded)} norms folded, {len(report.kept)} kept)",
+                 runs, ("folded", "unfolded"), args.rounds)
     translate, first_compile = translation_cost()
     print(f"\nResNet-50, float64: from_torch {translate:.1f} s, first train step compiles in "
           f"{first_compile:.1f} s")

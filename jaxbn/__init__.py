@@ -11,8 +11,9 @@ The public API:
   (submodules, imported on first access).
 * :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
   sharing batch norm's state, params and core.
-* :func:`from_torch` -- a torch model as a trainable Flax model and its variables, in one call
-  (``jaxbn.translate``).
+* :func:`from_torch` -- a torch model as a trainable Flax model and its variables, in one call,
+  and :func:`fold_batch_norm` -- that model for inference, BatchNorm folded into the layer before
+  it (``jaxbn.translate``).
 * ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),
   ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack`` reading and
   writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
@@ -33,8 +34,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
-    if name == "from_torch":  # torch -> Flax in one call (imports torch only when called)
-        from .translate import from_torch
+    if name in ("from_torch", "fold_batch_norm"):  # the translator (imports torch only when called)
+        from . import translate
 
-        return from_torch
+        return getattr(translate, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

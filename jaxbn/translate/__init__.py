@@ -12,7 +12,9 @@ Translation happens once, in two steps, through a small hashable IR (:mod:`.ir`)
    :mod:`.layers` (torch's ``nn`` layers in linen) or :mod:`jaxbn.linen` (the norms); the
    functions themselves are :mod:`.torch_ops`. Both build the same variables.
 
-:mod:`.port` is the one call; :mod:`.cli` the ``port`` command. Anything not translated raises
+:mod:`.port` is the one call; :mod:`.layout` rewrites a block to compute channels-last;
+:mod:`.fold` folds eval-mode BatchNorm into the layer before it; :mod:`.cli` is the ``port``
+command. Anything not translated raises
 :class:`UnsupportedError` (also ``jaxbn.porting.UnsupportedError``) at capture time. Depends on
 :mod:`jaxbn.porting` (variable names, checkpoint files), never the other way round.
 """
@@ -20,9 +22,11 @@ Translation happens once, in two steps, through a small hashable IR (:mod:`.ir`)
 from ..porting.errors import UnsupportedError
 from .tracing import capture, capture_mode_independent
 from .emit import emit_source
+from .fold import FoldReport, fold_batch_norm
 from .ir import Block, Layer, Op, Ref, Slice
 from .module import TracedModule
 from .port import Ported, from_torch
 
-__all__ = ["Block", "Layer", "Op", "Ported", "Ref", "Slice", "TracedModule", "UnsupportedError",
-           "capture", "capture_mode_independent", "emit_source", "from_torch"]
+__all__ = ["Block", "FoldReport", "Layer", "Op", "Ported", "Ref", "Slice", "TracedModule",
+           "UnsupportedError", "capture", "capture_mode_independent", "emit_source", "fold_batch_norm",
+           "from_torch"]

@@ -67,7 +67,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="allow float dtype conversion of the checkpoint into the model (torch casts silently)")
     p.add_argument("--emit", required=True, metavar="FILE.py", help="the Flax source file to write")
     p.add_argument("--out", metavar="VARS", help="variables file to write (.msgpack, .safetensors, .npz)")
-    p.add_argument("--channels-last", action="store_true", help="the Flax Model takes NHWC")
+    p.add_argument("--channels-last", action="store_true", help="the Flax Model takes NHWC (and computes NHWC)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="an inference-only Model: every eval BatchNorm right after a conv or linear "
+                        "layer folded into it (jaxbn.fold_batch_norm); the report is printed")
     p.set_defaults(func=run)
     return p
 
@@ -95,8 +98,10 @@ def _port(args: argparse.Namespace) -> None:
         load_checkpoint(model, args.checkpoint, key=args.key, cast=args.cast)
     example = torch.zeros(shape, dtype=dtype or model_dtype(model))
     check_runs(model, example, args.model)
-    source, variables, torch_type = translate(model, example, args.channels_last)
+    source, variables, torch_type, report = translate(model, example, args.channels_last, args.fold_bn)
     write_outputs(emit, source, out, variables)
+    if report is not None:
+        print(report)
     print(f"wrote Model ({torch_type}) to {args.emit}")
     if args.out:
         print(f"wrote its variables to {args.out}")
@@ -231,13 +236,19 @@ def check_runs(model: Any, example: Any, spec: str) -> None:
             m.training = training
 
 
-def translate(model: Any, example: Any, channels_last: bool) -> tuple[str, dict[str, np.ndarray], str]:
-    """``(Flax source, flat variables, torch type)``, in memory; exit 1 if not translated."""
+def translate(model: Any, example: Any, channels_last: bool, fold_bn: bool = False
+              ) -> tuple[str, dict[str, np.ndarray], str, Any]:
+    """``(Flax source, flat variables, torch type, fold report or None)``, in memory; exit 1 if
+    not translated."""
     from .emit import emit_source
-    from .port import from_torch
+    from .fold import fold_batch_norm
+    from .port import example_arrays, from_torch
 
+    report = None
     try:
         ported = from_torch(model, example, channels_last=channels_last)
+        if fold_bn:
+            ported, report = fold_batch_norm(ported, *example_arrays(example, channels_last))
         source = emit_source(ported.module.block)
         flat = {k: np.asarray(v) for k, v in names_from_tree(ported.variables).items()}
     except UnsupportedError as e:
@@ -245,7 +256,7 @@ def translate(model: Any, example: Any, channels_last: bool) -> tuple[str, dict[
     except Exception as e:
         raise PortFailure(f"translating the model failed: {type(e).__name__}: {e}; nothing was written",
                           UNTRANSLATABLE) from e
-    return source, flat, ported.module.block.torch_type
+    return source, flat, ported.module.block.torch_type, report
 
 
 # ---------------------------------------------------------------- the checkpoint
