@@ -29,7 +29,7 @@ from typing import Any
 from ..porting.errors import UnsupportedError
 
 __all__ = ["CONVERSIONS", "IN_PLACE_OPERATORS", "NORM_FUNCTIONS", "Unknown", "ValueTracer", "guard",
-           "holds_tensor", "value_of"]
+           "holds_tensor", "nodes_in", "value_of"]
 
 VALUE = "jaxbn_value"
 STATIC = "jaxbn_static"
@@ -103,7 +103,8 @@ def _mutable(value: Any) -> Any:
     return value
 
 
-def _nodes(argument: Any) -> list[Any]:
+def nodes_in(argument: Any) -> list[Any]:
+    """The fx nodes inside an argument (possibly nested)."""
     import torch.fx as fx
 
     found: list[Any] = []
@@ -226,7 +227,7 @@ class ValueTracer:
             return True
         if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES:
             return True
-        arguments = _nodes((node.args, node.kwargs))
+        arguments = nodes_in((node.args, node.kwargs))
         return node.op == "call_function" and all(n.meta.get(STATIC, False) for n in arguments)
 
     # ---------------------------------------------------------------- Python asks for a value

@@ -123,6 +123,7 @@ def _fold_block(block: Block, path: tuple[str, ...], variables: dict, folded: li
     for name in refs(block.output):
         readers[name] = readers.get(name, 0) + 1
     made_by = {op.out: op for op in block.ops}
+    calls = [op.target for op in block.ops if op.kind == "module"]
     ops, new_children = [], dict(children)
     for op in block.ops:
         child = children.get(op.target) if op.kind == "module" else None
@@ -133,7 +134,7 @@ def _fold_block(block: Block, path: tuple[str, ...], variables: dict, folded: li
         if not (isinstance(child, Layer) and child.is_norm):
             ops.append(op)
             continue
-        reason = _unfoldable(op, child, block, readers, ranks.get(id(block), {}))
+        reason = _unfoldable(op, child, made_by, children, calls, readers, ranks.get(id(block), {}))
         if reason is not None:
             kept.append((child.torch_path, reason))
             ops.append(op)
@@ -151,10 +152,10 @@ def _fold_block(block: Block, path: tuple[str, ...], variables: dict, folded: li
                                               if n in live or not isinstance(c, Layer)))
 
 
-def _unfoldable(op: Op, norm: Layer, block: Block, readers: dict, ranks: dict) -> str | None:
-    """Why a norm call cannot fold, or None."""
-    made_by, children = {o.out: o for o in block.ops}, dict(block.children)
-    calls = [o.target for o in block.ops if o.kind == "module"]
+def _unfoldable(op: Op, norm: Layer, made_by: dict, children: dict, calls: list, readers: dict,
+                ranks: dict) -> str | None:
+    """Why a norm call cannot fold, or None (``made_by``: value -> the op making it; ``calls``:
+    the block's module calls by child; ``readers``: value -> how many reads)."""
     settings = dict(norm.kwargs)
     fixed = dict(norm.call_kwargs)
     if norm.cls != "BatchNorm":

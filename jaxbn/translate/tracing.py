@@ -34,7 +34,7 @@ from ..porting.settings import settings_of
 from . import ops
 from .aliasing import Aliasing
 from .concrete import (COUNTER_FACTOR, IN_PLACE_OPERATORS, NORM_FUNCTIONS, VALUE, Unknown,
-                       ValueTracer, guard, holds_tensor, value_of)
+                       ValueTracer, guard, holds_tensor, nodes_in, value_of)
 from .ir import (NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, fresh_name, join_path, refs,
                  same_capture)
 
@@ -487,7 +487,7 @@ class _BlockCapture:
         self.names: set[str] = set()
         self.is_norm = _overrides_norm(module)
         self.norm_reads: dict[str, str] = {}  # get_attr node -> the norm tensor it reads
-        self.norm_uses: set[str] = set()  # nodes allowed to read them (the norm call, the count)
+        self.norm_called = False  # its norm call was found (:meth:`_norm_call`)
         self.placeholder_values, self.input_targets, self.structured, self.pytree_args = self._plan_inputs()
 
     def _plan_inputs(self) -> tuple[dict[str, Any], set[str], dict[str, tuple], dict[str, Any]]:
@@ -504,7 +504,7 @@ class _BlockCapture:
             value = values.get(name, Unknown(f"no example value for {name!r}"))
             if self.var_parameters or not isinstance(value, (list, tuple, dict)) or isinstance(value, torch.Size):
                 placeholder_values[name] = value
-                targets.add(name if not self.var_parameters else name)
+                targets.add(name)
                 continue
             leaves = pytree.tree_flatten_with_path(value)[0]
             paths = []
@@ -528,10 +528,14 @@ class _BlockCapture:
         output = None
         for i, node in enumerate(nodes):
             if node.op == "output":
+                self._refuse_norm_read(node)
                 output = self._arg(_unflattened_output(graph, node.args[0]))
             else:
                 getattr(self, f"_{node.op}")(node, i)
-        self._check_norm_reads(nodes)
+        if self.is_norm and not self.norm_called:
+            raise UnsupportedError(
+                f"{self.where}: a BatchNorm subclass whose forward does not call F.batch_norm on "
+                "its own tensors as torch's BatchNorm does: not supported")
         block = Block(torch_type_name(self.module), self.path, tuple(self.inputs),
                       _live(tuple(self.body), output), output, tuple(self.children.items()),
                       tuple(self.variables.values()))
@@ -606,6 +610,7 @@ class _BlockCapture:
         self.variable_nodes.add(node.name)
 
     def _call_module(self, node: Any, i: int) -> None:
+        self._refuse_norm_read(node)
         name = flax_name(node.target)
         sub = self.module.get_submodule(node.target)
         full = join_path(self.path, node.target)
@@ -732,8 +737,7 @@ class _BlockCapture:
     def _call_method(self, node: Any, i: int) -> None:
         if self.is_norm and node.target == "add_" and self.norm_reads.get(
                 getattr(node.args[0], "name", None)) == "num_batches_tracked":
-            self.norm_uses.add(node.name)  # torch's count of batches: the norm layer keeps it
-            return
+            return  # torch's count of batches: the norm layer keeps it
         self._refuse_norm_read(node)
         if node.target not in self.methods:
             raise UnsupportedError(f"{self.where}: the tensor method .{node.target}() is not supported")
@@ -747,7 +751,7 @@ class _BlockCapture:
         """``F.batch_norm`` on this module's own tensors with exactly the arguments torch's own
         ``forward`` passes in this mode (its ``training``, ``momentum``, ``eps``)."""
         return _norm_signature(node, self.norm_reads) == _reference_norm_signature(
-            self.module, node.args[0].meta.get(VALUE) if isinstance(node.args[0], _fx_node()) else None)
+            self.module, value_of(node.args[0]))
 
     def _norm_call(self, node: Any, i: int) -> None:
         """The module's norm: a :mod:`jaxbn.linen` layer sharing this block's variables."""
@@ -755,31 +759,18 @@ class _BlockCapture:
         self.children[name] = self._layer(self.module, self.path, shares_scope=True)
         self.body.append(Op(node.name, "module", name, (self._arg(node.args[0]),)))
         self.aliasing.new(node.name, i)
-        self.norm_uses.add(node.name)
+        self.norm_called = True
 
     def _refuse_norm_read(self, node: Any) -> None:
-        for arg in _fx_nodes((node.args, node.kwargs)):
+        """A norm subclass's own norm tensors are read only by its norm call and torch's count
+        (both handled before this check): any other node reading one is refused."""
+        for arg in nodes_in((node.args, node.kwargs)):
             if arg.name in self.norm_reads:
                 raise UnsupportedError(
                     f"{self.where}: its forward reads its BatchNorm tensor "
                     f"{self.norm_reads[arg.name]!r} outside torch's own norm call "
                     f"({_callable_name(node.target) if node.op == 'call_function' else node.target}): "
                     "not supported")
-
-    def _check_norm_reads(self, nodes: list) -> None:
-        for node in nodes:
-            if node.name in self.norm_reads:
-                for user in node.users:
-                    if user.name not in self.norm_uses:
-                        raise UnsupportedError(
-                            f"{self.where}: its forward reads its BatchNorm tensor "
-                            f"{self.norm_reads[node.name]!r} outside torch's own norm call: not supported")
-        if self.is_norm and not any(op.kind == "module" and dict(self.children).get(op.target) is not None
-                                    and getattr(self.children[op.target], "shares_scope", False)
-                                    for op in self.body):
-            raise UnsupportedError(
-                f"{self.where}: a BatchNorm subclass whose forward does not call F.batch_norm on "
-                "its own tensors as torch's BatchNorm does: not supported")
 
     # ---------------------------------------------------------------- values
 
@@ -829,20 +820,6 @@ _FUNCTIONAL_DROPOUTS = {"dropout": True, "dropout1d": True, "dropout2d": True, "
                         "alpha_dropout": False, "feature_alpha_dropout": False,
                         "stochastic_depth": True}
 """Functional dropouts (their ``training`` default): identities when ``p=0`` or not training."""
-
-
-def _fx_node() -> type:
-    import torch.fx as fx
-
-    return fx.Node
-
-
-def _fx_nodes(argument: Any) -> list:
-    import torch.fx as fx
-
-    found: list = []
-    fx.node.map_arg(argument, found.append)
-    return found
 
 
 def _key(key: Any, where: str) -> Any:

@@ -64,10 +64,6 @@ def jax_square(out, y):
     return sum(jnp.mean(v ** 2) for v in out.values()) if isinstance(out, dict) else jnp.mean(out ** 2)
 
 
-def as_numpy(out):
-    return {k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else np.asarray(out)
-
-
 def max_diff(a, b):
     if isinstance(b, dict):
         assert a.keys() == b.keys()
