@@ -6,7 +6,7 @@ One job per module, from the bottom up:
 * :mod:`.tensors` -- torch tensor <-> NumPy array, bit-exact (bfloat16 included);
 * :mod:`.paths` -- Flax variable paths and their ``/``-joined names;
 * :mod:`.formats` -- safe reading and writing of checkpoint files, one registry entry per format
-  (public name: ``jaxbn.checkpoint_io``);
+  (public name: ``jaxbn.checkpoint_io``), :mod:`.orbax_format` its Orbax directories;
 * :mod:`.names` -- how a torch key and a Flax path name the same tensor (:func:`canonical_name`,
   ``rules``);
 * :mod:`.layouts` -- kernel layouts, torch ``(O, I, *k)`` <-> Flax ``(*k, I, O)``;

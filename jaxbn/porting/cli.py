@@ -2,16 +2,20 @@
 
 torch -> Flax (default): ``IN`` is a torch ``state_dict`` (``.pt``/``.pth``, ``.safetensors``,
 ``.npz``; format detected from the content); ``OUT`` is Flax variables
-``{'params', 'batch_stats'}`` written as ``.msgpack`` (``flax.serialization``) or
-``.safetensors``/``.npz`` (names ``params/layer1_0/bn1/weight``), never ``.pt``/``.pth``/``.bin``.
+``{'params', 'batch_stats'}`` written as ``.msgpack`` (``flax.serialization``),
+``.safetensors``/``.npz`` (names ``params/layer1_0/bn1/weight``) or an Orbax checkpoint
+directory (what ``orbax.checkpoint.StandardCheckpointer`` saves and restores), never
+``.pt``/``.pth``/``.bin``. OUT's format comes from its extension; an OUT ending in ``/``, naming
+an existing directory or without an extension is an Orbax directory; ``--format`` overrides both.
 Without ``--like`` the conversion is *structural* (:func:`jaxbn.porting.structural_flax_target`):
 conv/linear weights (rank >= 2) become Flax kernels, BatchNorm buffers go to ``batch_stats``,
 integer indices join their parent with ``_``. ``--like VARS`` fills an existing Flax variables
 file instead (names, shapes and dtypes checked strictly).
 
-Flax -> torch (``--to-torch``): ``IN`` is Flax variables, ``OUT`` a torch ``state_dict``
-(``.pt``/``.pth``, ``.safetensors``, ``.npz``); ``--like REF`` takes the keys/shapes/dtypes from a
-reference torch checkpoint (else the structural inverse, :func:`jaxbn.porting.structural_torch_target`).
+Flax -> torch (``--to-torch``): ``IN`` is Flax variables (a file, or an Orbax checkpoint
+directory), ``OUT`` a torch ``state_dict`` (``.pt``/``.pth``, ``.safetensors``, ``.npz``);
+``--like REF`` takes the keys/shapes/dtypes from a reference torch checkpoint (else the
+structural inverse, :func:`jaxbn.porting.structural_torch_target`).
 
 Exit status: 0 converted; 1 the checkpoint does not fit (missing/unexpected keys, shape or dtype
 mismatch, all listed); 2 a file is unreadable, corrupt, unsafe or unsupported, or OUT cannot be
@@ -49,14 +53,19 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         description=_plain(__doc__.split("\n\n", 1)[1]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="IN", help="checkpoint to read (format detected from content)")
-    p.add_argument("output", metavar="OUT", help="file to write (.msgpack, .safetensors, .npz, .pt, .pth)")
+    p.add_argument("input", metavar="IN",
+                   help="checkpoint file or Orbax directory to read (format detected from content)")
+    p.add_argument("output", metavar="OUT",
+                   help="file to write (.msgpack, .safetensors, .npz, .pt, .pth), or an Orbax checkpoint "
+                        "directory (a path ending in /, an existing directory, or one without extension)")
+    p.add_argument("--format", choices=formats.FORMATS, help="OUT's format (default: from OUT's path)")
     p.add_argument("--to-torch", action="store_true", help="Flax variables -> torch state_dict")
     p.add_argument("--like", metavar="REF", help="target file in OUT's framework giving names/shapes/dtypes")
     p.add_argument("--key", help="entry of IN holding the state_dict (e.g. state_dict, model)")
     p.add_argument("--cast", action="store_true", help="allow float dtype conversion (with --like)")
     p.add_argument("--max-bytes", type=int, default=formats.DEFAULT_MAX_BYTES, metavar="N",
-                   help="refuse an .npz holding more than N bytes decompressed (default: 16 GiB)")
+                   help="refuse an .npz or Orbax checkpoint holding more than N bytes decompressed "
+                        "(default: 16 GiB)")
     p.add_argument("--quiet", action="store_true", help="print only problems and the summary")
     p.set_defaults(func=run)
     return p
@@ -92,14 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_output(args: argparse.Namespace) -> formats.Destination:
     """OUT, refused if it cannot be written, would destroy an input or holds the wrong framework's names."""
-    out = formats.destination(args.output)
+    out = formats.destination(args.output, args.format)
     if args.to_torch and not out.format.holds("torch"):
-        raise CheckpointError(f"--to-torch writes a torch state_dict: use {_extensions_holding('torch')}")
+        raise CheckpointError(f"--to-torch writes a torch state_dict, not {_described(out.format)}: use "
+                              f"{extensions_holding('torch')}")
     if not args.to_torch and not out.format.holds("flax"):
         raise CheckpointError(
-            f"{args.output!r}: Flax variables are not written as a {out.format.name} file "
-            f"({'/'.join(out.format.extensions)}); use {_extensions_holding('flax')}, or pass "
-            "--to-torch to convert Flax variables to torch")
+            f"{args.output!r}: Flax variables are not written as {_described(out.format)}; use "
+            f"{extensions_holding('flax')}, or pass --to-torch to convert Flax variables to torch")
     for other in filter(None, (args.input, args.like)):
         if same_file(other, args.output):
             raise CheckpointError(
@@ -108,10 +117,17 @@ def _checked_output(args: argparse.Namespace) -> formats.Destination:
     return out
 
 
-def _extensions_holding(framework: Literal["torch", "flax"]) -> str:
-    """``'.pt, .pth, .bin, .safetensors or .npz'``: the extensions of the formats holding its names."""
+def extensions_holding(framework: Literal["torch", "flax"]) -> str:
+    """``'.pt, .pth, .bin, .safetensors or .npz'``: the extensions of the formats holding its
+    names (``'... or an orbax directory'`` for a directory format)."""
     extensions = [e for fmt in formats.REGISTRY if fmt.holds(framework) for e in fmt.extensions]
+    extensions += [_described(fmt) for fmt in formats.REGISTRY if fmt.holds(framework) and fmt.directory]
     return ", ".join(extensions[:-1]) + " or " + extensions[-1]
+
+
+def _described(fmt: formats.Format) -> str:
+    """``'a torch file (.pt/.pth/.bin)'`` or ``'an orbax directory'``."""
+    return f"an {fmt.name} directory" if fmt.directory else f"a {fmt.name} file ({'/'.join(fmt.extensions)})"
 
 
 def same_file(a: str, b: str) -> bool:

@@ -1,6 +1,7 @@
 """Reading and writing checkpoint files safely: flat ``{name: numpy array}`` in, out.
 
-Formats, detected from the file's first bytes (the extension is only a tie-breaker):
+Formats, detected from the file's first bytes (the extension is only a tie-breaker), or from a
+directory's files:
 
 * PyTorch ``.pt`` / ``.pth`` / ``.bin`` (zip or legacy) -- read *only* through
   ``torch.load(path, weights_only=True, map_location="cpu")``: never plain unpickling, so a
@@ -12,38 +13,52 @@ Formats, detected from the file's first bytes (the extension is only a tie-break
   exhaust memory.
 * ``.msgpack`` -- Flax's ``flax.serialization`` msgpack (no pickle, no torch); nested
   dictionaries are flattened with ``/`` (:mod:`.paths`).
+* Orbax -- a checkpoint *directory* as ``orbax.checkpoint.StandardCheckpointer().save`` writes
+  it (Flax's documented way), holding Flax variables like msgpack; restored as NumPy (float64 and
+  int64 kept whatever ``jax_enable_x64`` says), bounded by ``max_bytes`` from its metadata. Needs
+  ``orbax-checkpoint`` (``pip install 'jaxbn[orbax]'``), imported only then (:mod:`.orbax_format`).
+
+Writing picks the format from the output path (:func:`format_for_path`): a recognised extension
+gives its format; a path ending in a separator, naming an existing directory, or without an
+extension gives Orbax; ``format=`` (CLI ``--format``) overrides both.
 
 Each format is one :class:`Format` record in :data:`REGISTRY` (name, extensions, whose names it
-holds, content sniff, reader, writer). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (the type JAX uses),
-bit-exact; float8, quantized and sparse tensors are refused with :class:`CheckpointError` naming
+holds, content sniff, reader, writer, file or directory). bfloat16 tensors come back as
+``ml_dtypes.bfloat16`` arrays (the type JAX uses), bit-exact; float8, quantized and sparse tensors are refused with :class:`CheckpointError` naming
 the tensor and its dtype.
 
-Writes go to a temporary file ``.<target name>.jaxbn-<pid>-<random>.tmp`` beside the target that
-replaces it only once complete, so a failed write never leaves a partial file or clobbers an
-existing one. The new file gets the mode of the file it replaces, else ``0o666`` minus the
-umask (like ``open(path, "w")``). An output that is a symbolic link is written *through*: the
-file it points to is replaced and the link stays. SIGTERM during a write removes the temporary
-file, then terminates as SIGTERM would; a temporary file left by a killed process (SIGKILL) is
-removed by the next write to the same target once that process no longer exists.
+Writes go to a temporary file (a directory for Orbax) ``.<target name>.jaxbn-<pid>-<random>.tmp``
+beside the target that replaces it only once complete, so a failed write never leaves a partial
+file or clobbers an existing one. The new file gets the mode of the file it replaces, else
+``0o666`` minus the umask (like ``open(path, "w")``; a directory: ``0o777`` minus the umask). An
+output that is a symbolic link is written *through*: the file it points to is replaced and the
+link stays. An existing Orbax checkpoint is replaced by renaming it aside
+(``.<name>.jaxbn-<pid>-<random>.old``), renaming the new one in and only then deleting the old;
+a directory that is not an Orbax checkpoint (and not empty) is never replaced. SIGTERM during a
+write removes the temporary file or directory, then terminates as SIGTERM would; one left by a
+killed process (SIGKILL) is removed by the next write to the same target once that process no
+longer exists (an ``.old`` one only if the target exists: otherwise it is the last checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import struct
 import threading
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
 
-from . import paths
+from . import orbax_format, paths
 from .errors import CheckpointError
 from .tensors import (
     BFLOAT16,
@@ -74,13 +89,14 @@ __all__ = [
 DEFAULT_MAX_BYTES = 16 * 2**30
 _SAFETENSORS_MAX_HEADER = 100_000_000
 NameKind = Literal["torch", "flax", "either"]
+TEMP_SUFFIX = r"\.jaxbn-(\d+)-[0-9a-f]+\.(tmp|old)"  # after ".<target name>": see _temp_name
 _SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32",
                        "U16", "U8", "BOOL"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """What format sniffing sees: the path, its size and its first 16 bytes."""
+    """What format sniffing sees: the path, its size and its first 16 bytes (a directory: 0, b"")."""
 
     path: str
     size: int
@@ -95,7 +111,8 @@ class Format:
     variables) or ``"either"`` (flat names of any kind). ``read(path, max_bytes)`` returns the
     (possibly nested) mapping stored; ``write(arrays, path)`` writes a flat ``{name: numpy array}``
     to ``path``; ``check(arrays)`` raises :class:`CheckpointError` for what the format cannot hold,
-    before anything is written; ``sep`` joins nested names when reading.
+    before anything is written; ``sep`` joins nested names when reading. A ``directory`` format
+    is a directory of files (Orbax): ``sniff`` sees its path, ``write`` fills an empty directory.
     """
 
     name: str
@@ -106,6 +123,7 @@ class Format:
     write: Callable[[dict[str, np.ndarray], str], None]
     check: Callable[[dict[str, np.ndarray]], Any] = lambda arrays: None
     sep: str = "."
+    directory: bool = False
 
     def holds(self, framework: Literal["torch", "flax"]) -> bool:
         """Whether this format holds ``framework``'s names (a torch ``state_dict`` or Flax variables)."""
@@ -299,6 +317,8 @@ REGISTRY: tuple[Format, ...] = (  # sniffed in this order
     Format("npz", (".npz",), "either", _sniff_npz, _read_npz, _write_npz, check=_check_npz),
     Format("msgpack", (".msgpack",), "flax", _sniff_msgpack, _read_msgpack, _write_msgpack,
            check=paths.tree_from_names, sep=paths.SEP),  # colliding names are refused
+    Format("orbax", (), "flax", lambda head: orbax_format.sniff(head.path), orbax_format.read,
+           orbax_format.write, check=orbax_format.check, sep=paths.SEP, directory=True),
 )
 FORMATS = tuple(f.name for f in REGISTRY)
 _EXTENSIONS = {ext: f.name for f in REGISTRY for ext in f.extensions}
@@ -312,12 +332,19 @@ def _format(name: str) -> Format:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """One of :data:`FORMATS`, from the file's content (extension only to break ties).
+    """One of :data:`FORMATS`, from the file's content (extension only to break ties), or from
+    the files of a directory (Orbax).
 
     Raises:
       CheckpointError: the file cannot be opened or its content is none of the formats.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        head = Head(path, 0, b"")
+        matches = [f.name for f in REGISTRY if f.directory and f.sniff(head)]
+        if not matches:
+            raise CheckpointError(orbax_format.describe_directory(path))
+        return matches[0]
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -325,7 +352,7 @@ def detect_format(path: str | os.PathLike) -> str:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
     ext = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    matches = [f.name for f in REGISTRY if f.sniff(head)]
+    matches = [f.name for f in REGISTRY if not f.directory and f.sniff(head)]
     if matches:
         return ext if ext in matches else matches[0]
     if _is_zip(head):
@@ -333,19 +360,31 @@ def detect_format(path: str | os.PathLike) -> str:
     hint = f"; the extension says {ext} but the content does not match" if ext else ""
     raise CheckpointError(
         f"{path!r} is not a checkpoint this reader knows (torch .pt/.pth, .safetensors, .npz, "
-        f"Flax .msgpack){hint}: it is empty, truncated or corrupt, or of another format"
+        f"Flax .msgpack, an Orbax directory){hint}: it is empty, truncated or corrupt, or of "
+        f"another format"
     )
 
 
 def format_for_path(path: str | os.PathLike) -> str:
-    """The format a file will be written in, from its extension."""
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    if ext not in _EXTENSIONS:
-        raise CheckpointError(
-            f"cannot tell the format of {os.fspath(path)!r} from its extension; use one of "
-            f"{sorted(_EXTENSIONS)}"
-        )
-    return _EXTENSIONS[ext]
+    """The format a checkpoint will be written in, from its path.
+
+    A recognised extension gives its format (``.msgpack`` ...); a path that ends in a separator,
+    names an existing directory or has no extension gives the (only) directory format, Orbax.
+    """
+    path = os.fspath(path)
+    directory = next(f.name for f in REGISTRY if f.directory)
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        return directory
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    if os.path.isdir(path) or not ext:
+        return directory
+    raise CheckpointError(
+        f"cannot tell the format of {path!r} from its extension; use one of "
+        f"{sorted(_EXTENSIONS)}, a directory path (no extension, or ending in {os.sep!r}) for an "
+        f"Orbax checkpoint, or give the format (CLI: --format)"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -363,13 +402,13 @@ def read_checkpoint(
     ``state_dict``), for every format in :data:`FORMATS`; torch is needed only for torch files.
 
     Args:
-      path: the file.
+      path: the file (an Orbax checkpoint: the directory).
       format: one of :data:`FORMATS`; ``None`` detects it from the content.
       key: take this entry of the loaded dictionary (e.g. ``"state_dict"`` or ``"model"`` of a
         training checkpoint that also stores the epoch); nested dictionaries are flattened with
-        ``.`` (torch) or ``/`` (msgpack).
-      max_bytes: refuse an ``.npz`` whose arrays would take more than this many bytes
-        decompressed (checked from the headers, before reading).
+        ``.`` (torch) or ``/`` (msgpack, Orbax).
+      max_bytes: refuse an ``.npz`` or Orbax checkpoint whose arrays would take more than this
+        many bytes (decompressed; checked from the headers or metadata, before reading).
 
     Raises:
       CheckpointError: unreadable, truncated/corrupt, unsafe (a pickle that would run code or
@@ -437,14 +476,15 @@ def write_checkpoint(
 ) -> None:
     """Write a flat ``{name: array}`` atomically (temporary file, then rename).
 
-    ``format`` defaults to the extension's. For ``msgpack`` names are split on ``/`` into the
-    nested dictionaries Flax uses (names that collide are refused); ``torch`` writes
-    ``torch.save`` of CPU tensors. See the module docstring for file modes, symbolic links and
-    interrupted writes.
+    ``format`` defaults to the path's (:func:`format_for_path`). For ``msgpack`` and ``orbax``
+    names are split on ``/`` into the nested dictionaries Flax uses (names that collide are
+    refused); ``torch`` writes ``torch.save`` of CPU tensors; ``orbax`` writes a directory. See
+    the module docstring for file modes, symbolic links and interrupted writes.
 
     Raises:
       CheckpointError: unknown format, an output directory that does not exist, an output that
-        is a directory, data the format cannot hold, or a write that fails.
+        is a directory (for Orbax: a file, or a non-empty directory that is not an Orbax
+        checkpoint), data the format cannot hold, or a write that fails.
     """
     destination(path, format).write(flat)
 
@@ -453,7 +493,7 @@ def write_checkpoint(
 class Destination:
     """A checked place to write a checkpoint: the file it replaces and the format it gets."""
 
-    target: str  # the file replaced (a symbolic link resolved: it is written through)
+    target: str  # the file (Orbax: directory) replaced (a symbolic link resolved: written through)
     format: Format
 
     def write(self, flat: Mapping[str, Any]) -> None:
@@ -465,32 +505,48 @@ class Destination:
             except UnsupportedTensorError as e:
                 raise CheckpointError(f"cannot write tensor {k!r}: {e}") from e
         self.format.check(arrays)
-        atomic_write(self.target, lambda tmp: self.format.write(arrays, tmp))
+        atomic_write(self.target, lambda tmp: self.format.write(arrays, tmp), directory=self.format.directory)
 
 
 def destination(path: str | os.PathLike, format: str | None = None) -> Destination:
     """Where and how :func:`write_checkpoint` writes ``path``, checked before any work is done.
 
-    ``format`` defaults to the extension's (:func:`format_for_path`).
+    ``format`` defaults to the path's (:func:`format_for_path`).
 
     Raises:
       CheckpointError: unknown format, an output directory that does not exist, or an output
-        that is a directory.
+        that is a directory (for Orbax: a file, or a non-empty directory that is not an Orbax
+        checkpoint).
     """
     path = os.fspath(path)
     fmt = _format(format_for_path(path) if format is None else format)
-    return Destination(check_writable(path), fmt)
+    return Destination(check_writable(path, fmt), fmt)
 
 
-def check_writable(path: str | os.PathLike) -> str:
+def check_writable(path: str | os.PathLike, format: Format | None = None) -> str:
     """The file a write to ``path`` replaces (a symbolic link resolved: it is written through).
 
+    For a directory ``format`` (Orbax) the directory replaced: absent, empty or a checkpoint of
+    that format; anything else there is refused, never deleted.
+
     Raises:
-      CheckpointError: ``path`` is a directory or its directory does not exist.
+      CheckpointError: ``path`` is a directory (for a directory format: a file, or a non-empty
+        directory the format does not recognise) or its directory does not exist.
     """
     path = os.fspath(path)
     target = os.path.realpath(path)
-    if os.path.isdir(target):
+    if format is not None and format.directory:
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise CheckpointError(f"cannot write {path!r}: it is a file, and an {format.name} checkpoint "
+                                  "is a directory")
+        try:
+            entries = os.listdir(target) if os.path.isdir(target) else []
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path!r}: {e.strerror or e}") from e
+        if entries and not format.sniff(Head(target, 0, b"")):
+            raise CheckpointError(f"cannot write {path!r}: it is a directory that is not an {format.name} "
+                                  "checkpoint; refusing to replace it (choose a new or empty directory)")
+    elif os.path.isdir(target):
         raise CheckpointError(f"cannot write {path!r}: it is a directory")
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
@@ -498,27 +554,37 @@ def check_writable(path: str | os.PathLike) -> str:
     return target
 
 
-def _temp_name(target: str) -> str:
-    """The temporary file a write to ``target`` uses: ``.<name>.jaxbn-<pid>-<random>.tmp``."""
+def _temp_name(target: str, kind: str = "tmp") -> str:
+    """The temporary file (or directory) a write to ``target`` uses: ``.<name>.jaxbn-<pid>-<random>.tmp``;
+    ``kind="old"``: where an existing directory is renamed aside while it is replaced."""
     directory, name = os.path.split(target)
-    return os.path.join(directory, f".{name}.jaxbn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return os.path.join(directory, f".{name}.jaxbn-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
 
 
 def _remove_stale_temps(target: str) -> None:
-    """Remove temporary files of earlier writes to ``target`` whose process is gone."""
+    """Remove temporary files and directories of earlier writes to ``target`` whose process is
+    gone; a directory renamed aside (``.old``) only once ``target`` exists again."""
     directory, name = os.path.split(target)
-    pattern = re.compile(re.escape(f".{name}.jaxbn-") + r"(\d+)-[0-9a-f]+\.tmp")
+    pattern = re.compile(re.escape(f".{name}") + TEMP_SUFFIX)
     try:
         entries = os.listdir(directory)
     except OSError:
         return
     for entry in entries:
         m = pattern.fullmatch(entry)
-        if m and not _process_alive(int(m.group(1))):
-            try:
-                os.unlink(os.path.join(directory, entry))
-            except OSError:
-                pass
+        if m and not _process_alive(int(m.group(1))) and (m.group(2) == "tmp" or os.path.exists(target)):
+            _remove(os.path.join(directory, entry))
+
+
+def _remove(path: str) -> None:
+    """Remove the file or directory tree ``path`` if it is there (errors ignored)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _process_alive(pid: int) -> bool:
@@ -531,13 +597,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(target: str, write: Callable[[str], None]) -> None:
+def atomic_write(target: str, write: Callable[[str], None], *, directory: bool = False) -> None:
     """Replace the file ``target`` by what ``write(temporary path)`` writes, atomically.
 
     The temporary file beside ``target`` is renamed over it only once ``write`` returned; if
     ``write`` raises (or SIGTERM arrives), it is removed and ``target`` is left as it was. Mode,
     stale temporary files and interruption as in the module docstring; ``target`` should come from
-    :func:`check_writable`.
+    :func:`check_writable`. With ``directory``, the temporary path is an empty directory that
+    ``write`` fills, and an existing ``target`` directory is renamed aside, replaced, then deleted
+    (put back if the new one cannot be renamed in).
 
     Raises:
       CheckpointError: the temporary file cannot be created, written or renamed (an ``OSError``).
@@ -545,42 +613,78 @@ def atomic_write(target: str, write: Callable[[str], None]) -> None:
     _remove_stale_temps(target)
     tmp = _temp_name(target)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        if directory:
+            os.mkdir(tmp, 0o777)  # the umask applies
+        else:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
         raise CheckpointError(f"cannot write {target!r}: {e.strerror or e}") from e
-    os.close(fd)
+    guard = _removed_on_sigterm(tmp)
     try:
         # the replaced file's mode, else what open() would give (0o666 minus the umask); set after
         # writing, since a writer may recreate the file (safetensors does, with mode 0o600)
-        mode = os.stat(target if os.path.isfile(target) else tmp).st_mode & 0o7777
-        with _removed_on_sigterm(tmp):
+        replaced = os.path.isdir(target) if directory else os.path.isfile(target)
+        mode = os.stat(target if replaced else tmp).st_mode & 0o7777
+        with guard:
             write(tmp)
             os.chmod(tmp, mode)
-            os.replace(tmp, target)
+            if directory and replaced:
+                _replace_directory(tmp, target, guard)
+            else:
+                os.replace(tmp, target)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write {target!r}: {e.strerror or e}") from e
         raise
 
 
+def _replace_directory(new: str, target: str, guard: _removed_on_sigterm) -> None:
+    """Rename ``target`` aside, ``new`` into its place, then delete the old one; SIGTERM waits
+    for both renames (it then removes the old one), and a failed second rename puts it back."""
+    old = _temp_name(target, "old")
+    guard.paths.append(old)
+    with guard.deferred():
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    _remove(old)
+
+
 class _removed_on_sigterm:
-    """While active (main thread only): SIGTERM removes ``tmp``, then acts as it would have."""
+    """While active (main thread only): SIGTERM removes ``paths`` (``tmp`` and any added), then
+    acts as it would have; inside :meth:`deferred` it waits for the block to end."""
 
     def __init__(self, tmp: str):
-        self.tmp = tmp
+        self.paths = [tmp]
         self.installed = False
         self.previous: Any = signal.SIG_DFL
+        self.deferring = False
+        self.pending: int | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
+        if self.deferring:
+            self.pending = signum
+            return
+        for path in self.paths:
+            _remove(path)
         signal.signal(signum, self.previous)
         self.installed = False
         os.kill(os.getpid(), signum)  # the previous behaviour: by default, terminate by SIGTERM
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block SIGTERM does not interrupt (it is handled once the block has ended)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            if self.pending is not None and self.installed:
+                self._handler(self.pending, None)
 
     def __enter__(self) -> None:
         if (threading.current_thread() is threading.main_thread()

@@ -14,8 +14,10 @@ from .report import PortingError, PortReport
 
 
 def save_variables(variables: Any, path: str) -> None:
-    """Write Flax variables as Flax msgpack (``.msgpack``, ``flax.serialization``) or
-    ``.safetensors`` / ``.npz`` (names ``params/layer1_0/bn1/weight``), atomically."""
+    """Write Flax variables (a linen dict or an NNX state) as Flax msgpack (``.msgpack``,
+    ``flax.serialization``), ``.safetensors`` / ``.npz`` (names ``params/layer1_0/bn1/weight``)
+    or an Orbax checkpoint directory (a path without an extension), atomically
+    (:func:`jaxbn.porting.formats.write_checkpoint`)."""
     formats.write_checkpoint(names_from_tree(variables), path)
 
 
