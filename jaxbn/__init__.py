@@ -11,12 +11,13 @@ The public API:
   (submodules, imported on first access).
 * :func:`instance_norm` with :class:`InstanceNormFlags` -- torch's ``InstanceNorm{1,2,3}d``,
   sharing batch norm's state, params and core.
-* :func:`from_torch` -- a torch model as a trainable Flax model and its variables, in one call,
+* :func:`from_torch` -- a torch model as a trainable Flax model in one call (an NNX module tree
+  mirroring torch's with ``api="nnx"``, else a linen module and its variables),
   and :func:`fold_batch_norm` -- that model for inference, BatchNorm folded into the layer before
   it (``jaxbn.translate``).
 * ``jaxbn.porting`` (torch ``state_dict`` <-> Flax variables, like ``load_state_dict``),
-  ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack`` reading and
-  writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
+  ``jaxbn.checkpoint_io`` (safe ``.pt``/``.safetensors``/``.npz``/``.msgpack``/Orbax reading
+  and writing) and ``jaxbn.testing`` (the torch <-> Flax equivalence harness), imported on first
   access.
 """
 

@@ -322,6 +322,33 @@ def jax_sgd_steps(module: Any, variables: dict, xs: list, ys: list, lr: float, *
     return outs, variables
 
 
+def nnx_sgd_steps(model: Any, xs: list, ys: list, lr: float, *,
+                  loss: Callable = jax_cross_entropy) -> tuple[list[np.ndarray], Any]:
+    """The same steps on a translated NNX model, in the modes it is in, with
+    ``nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)`` (``p - lr * g``, as torch's loop):
+    per-step outputs, the model (updated in place)."""
+    import optax
+    from flax import nnx
+
+    optimizer = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def objective(model):
+            out = model(x)
+            return loss(out, y), out
+
+        (_, out), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return out
+
+    outs = []
+    for x, y in zip(xs, ys):
+        out = step(model, optimizer, jnp.asarray(x.numpy()), None if y is None else jnp.asarray(y.numpy()))
+        outs.append(jax.tree_util.tree_map(np.asarray, out))
+    return outs, model
+
+
 class Chain(torch.nn.Module):
     """A torch model of the given named children, applied in order."""
 

@@ -48,11 +48,13 @@ def path_from_name(name: str) -> tuple[str, ...]:
 
 
 def plain_tree(tree: Any) -> Any:
-    """Plain nested dicts from FrozenDict / nnx.State / dict."""
+    """Plain nested dicts from FrozenDict / nnx.State / dict. An NNX state's random-number
+    streams (``nnx.RngState``: a dropout layer's key and counter) are left out: they are no
+    torch tensor."""
     if hasattr(tree, "to_pure_dict"):
         from flax import nnx
 
-        tree = nnx.to_pure_dict(tree)
+        tree = nnx.to_pure_dict(nnx.filter_state(tree, nnx.Not(nnx.RngState)))
     if isinstance(tree, Mapping):
         return {k: plain_tree(v) for k, v in tree.items()}
     return tree

@@ -1,5 +1,5 @@
-"""torch model -> Flax: :func:`from_torch` (a trainable linen module) and ``python -m jaxbn port``
-(readable Flax source).
+"""torch model -> Flax: :func:`from_torch` (a trainable NNX module tree mirroring torch's, or a
+linen module and its variables) and ``python -m jaxbn port`` (readable Flax source).
 
 Translation happens once, in two steps, through a small hashable IR (:mod:`.ir`):
 
@@ -7,7 +7,9 @@ Translation happens once, in two steps, through a small hashable IR (:mod:`.ir`)
    named children into a :class:`Block` of operations and children (:class:`Layer` values, or
    further blocks).
 2. **Realization** (no torch): :class:`TracedModule` (:mod:`.module`) runs a block as a linen
-   module and :func:`emit_source` (:mod:`.emit`) writes it as Python source. Both take each
+   module, :func:`build_nnx` (:mod:`.nnx_module`, layers from :mod:`.nnx_layers`) builds it as
+   an NNX module tree under torch's module paths, and :func:`emit_source` (:mod:`.emit`) writes
+   either as Python source. Both take each
    function from one op table (:mod:`.ops`: how it runs, how it is written) and each layer from
    :mod:`.layers` (torch's ``nn`` layers in linen) or :mod:`jaxbn.linen` (the norms); the
    functions themselves are :mod:`.torch_ops`. Both build the same variables.
@@ -27,6 +29,15 @@ from .ir import Block, Layer, Op, Ref, Slice
 from .module import TracedModule
 from .port import Ported, from_torch
 
-__all__ = ["Block", "FoldReport", "Layer", "Op", "Ported", "Ref", "Slice", "TracedModule",
-           "UnsupportedError", "capture", "capture_mode_independent", "emit_source", "fold_batch_norm",
-           "from_torch"]
+
+def __getattr__(name: str):
+    """The NNX realization on first use (``flax.nnx`` imports optax, which jaxbn does not need)."""
+    if name in ("TracedBlock", "build_nnx"):
+        from . import nnx_module
+
+        return getattr(nnx_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["Block", "FoldReport", "Layer", "Op", "Ported", "Ref", "Slice", "TracedBlock", "TracedModule",
+           "UnsupportedError", "build_nnx", "capture", "capture_mode_independent", "emit_source",
+           "fold_batch_norm", "from_torch"]

@@ -4,8 +4,10 @@ Builds the torch model (``CALLABLE()`` from the importable ``MODULE``; the curre
 on the path), optionally loads ``--checkpoint`` into it (read safely, ``weights_only``; strict, as
 torch's ``load_state_dict`` loads it, but a float dtype that differs is refused unless ``--cast``),
 translates it with :func:`jaxbn.from_torch` and writes ``--emit``: a Python file defining
-``Model``, a ``flax.linen.Module`` with ``__call__(self, x, train=False)`` that imports no torch.
-``--out`` writes the variables (``.msgpack``, ``.safetensors`` or ``.npz``) for that ``Model``.
+``Model``, a ``flax.linen.Module`` with ``__call__(self, x, train=False)`` that imports no torch
+(with ``--nnx``: an ``nnx.Module`` built as ``Model(rngs=nnx.Rngs(0))``, torch's module tree and
+modes, ``from_torch(..., api="nnx")``'s). ``--out`` writes the variables for that ``Model``
+(``.msgpack``, ``.safetensors``, ``.npz`` or an Orbax checkpoint directory; ``--format``).
 
 Exit status: 0 written; 1 the model has something not translated, or the checkpoint does not fit
 it (missing/unexpected keys, shapes, dtypes); 2 bad usage or input: a file that cannot be read, an
@@ -66,11 +68,16 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--cast", action="store_true",
                    help="allow float dtype conversion of the checkpoint into the model (torch casts silently)")
     p.add_argument("--emit", required=True, metavar="FILE.py", help="the Flax source file to write")
-    p.add_argument("--out", metavar="VARS", help="variables file to write (.msgpack, .safetensors, .npz)")
+    p.add_argument("--out", metavar="VARS", help="variables to write (.msgpack, .safetensors, .npz, or an Orbax "
+                   "checkpoint directory: a path ending in /, an existing directory, or one without extension)")
+    p.add_argument("--format", choices=formats.FORMATS, help="--out's format (default: from its path)")
     p.add_argument("--channels-last", action="store_true", help="the Flax Model takes NHWC (and computes NHWC)")
     p.add_argument("--fold-bn", action="store_true",
                    help="an inference-only Model: every eval BatchNorm right after a conv or linear "
                         "layer folded into it (jaxbn.fold_batch_norm); the report is printed")
+    p.add_argument("--nnx", action="store_true",
+                   help="write a Flax NNX Model (torch's module tree and modes; Model(rngs=nnx.Rngs(0))) "
+                        "instead of a linen one; --out then holds its NNX state")
     p.set_defaults(func=run)
     return p
 
@@ -89,6 +96,10 @@ def _port(args: argparse.Namespace) -> None:
     """Check the arguments and outputs, build, load, translate, then write both files."""
     import torch
 
+    nnx = getattr(args, "nnx", False)
+    if nnx and (args.channels_last or args.fold_bn):
+        raise PortFailure(f"--nnx with {'--channels-last' if args.channels_last else '--fold-bn'}: folding and "
+                          "channels-last are linen-only (the NNX Model computes in torch's layout, as torch does)")
     shape = parse_shape(args.input_shape)
     dtype = parse_dtype(args.dtype)
     emit, out = checked_outputs(args)
@@ -98,7 +109,7 @@ def _port(args: argparse.Namespace) -> None:
         load_checkpoint(model, args.checkpoint, key=args.key, cast=args.cast)
     example = torch.zeros(shape, dtype=dtype or model_dtype(model))
     check_runs(model, example, args.model)
-    source, variables, torch_type, report = translate(model, example, args.channels_last, args.fold_bn)
+    source, variables, torch_type, report = translate(model, example, args.channels_last, args.fold_bn, nnx=nnx)
     write_outputs(emit, source, out, variables)
     if report is not None:
         print(report)
@@ -154,14 +165,18 @@ def checked_outputs(args: argparse.Namespace) -> tuple[str, formats.Destination 
     """``(--emit's target file, --out's Destination)``, refused (exit 2) before any work if one
     cannot be written, ``--out`` cannot hold Flax variables, or an output is the checkpoint or
     the other output (compared as :func:`jaxbn.porting.cli.same_file`: links and spellings seen through)."""
+    from ..porting.cli import extensions_holding
+
+    if args.format and not args.out:
+        raise PortFailure(f"--format {args.format} is the format of --out: pass --out VARS too")
     try:
         emit = formats.check_writable(args.emit)
-        out = formats.destination(args.out) if args.out else None
+        out = formats.destination(args.out, args.format) if args.out else None
     except CheckpointError as e:
         raise PortFailure(str(e)) from e
     if out is not None and not out.format.holds("flax"):
-        raise PortFailure(f"--out {args.out!r}: Flax variables are not written as a {out.format.name} "
-                          "file; use .msgpack, .safetensors or .npz")
+        raise PortFailure(f"--out {args.out!r}: Flax variables are not written as {out.format.name}; "
+                          f"use {extensions_holding('flax')}")
     pairs = [(args.emit, "--emit", args.checkpoint, "--checkpoint")]
     if args.out:
         pairs += [(args.out, "--out", args.checkpoint, "--checkpoint"), (args.out, "--out", args.emit, "--emit")]
@@ -236,16 +251,18 @@ def check_runs(model: Any, example: Any, spec: str) -> None:
             m.training = training
 
 
-def translate(model: Any, example: Any, channels_last: bool, fold_bn: bool = False
+def translate(model: Any, example: Any, channels_last: bool, fold_bn: bool = False, *, nnx: bool = False
               ) -> tuple[str, dict[str, np.ndarray], str, Any]:
     """``(Flax source, flat variables, torch type, fold report or None)``, in memory; exit 1 if
-    not translated."""
+    not translated. With ``nnx``: the NNX source and its state (:func:`translate_nnx`)."""
     from .emit import emit_source
     from .fold import fold_batch_norm
     from .port import example_arrays, from_torch
 
     report = None
     try:
+        if nnx:
+            return (*translate_nnx(model, example), None)
         ported = from_torch(model, example, channels_last=channels_last)
         if fold_bn:
             ported, report = fold_batch_norm(ported, *example_arrays(example, channels_last))
@@ -257,6 +274,25 @@ def translate(model: Any, example: Any, channels_last: bool, fold_bn: bool = Fal
         raise PortFailure(f"translating the model failed: {type(e).__name__}: {e}; nothing was written",
                           UNTRANSLATABLE) from e
     return source, flat, ported.module.block.torch_type, report
+
+
+def translate_nnx(model: Any, example: Any) -> tuple[str, dict[str, np.ndarray], str]:
+    """``(NNX source, flat state, torch type)``: the emitted ``Model``'s tree and modes are
+    ``from_torch(model, example, api="nnx")``'s, whose ``nnx.Param`` / ``nnx.BatchStat`` state
+    (its ``FrozenParam`` too: a ``Param`` in the source) is written under NNX's names
+    (``layer1/0/bn1/running_mean``)."""
+    from flax import nnx
+
+    from .emit import emit_source
+    from .nnx_layers import FrozenParam
+    from .nnx_module import module_types
+    from .port import captured, nnx_model
+
+    block = captured(model, example, "nnx")
+    ported = nnx_model(model, block)
+    source = emit_source(block, "nnx", training=model.training, containers=module_types(model))
+    state = nnx.state(ported, (nnx.Param, nnx.BatchStat, FrozenParam))
+    return source, {k: np.asarray(v) for k, v in names_from_tree(state).items()}, block.torch_type
 
 
 # ---------------------------------------------------------------- the checkpoint

@@ -33,6 +33,13 @@ def _uniform_fan_in(fan_in: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def declare_params(module: nn.Module) -> dict[str, jax.Array]:
+    """A layer's parameters as its :meth:`param_specs` describes them (``self.param`` for each):
+    one declaration, read by linen here and by :mod:`.nnx_layers`."""
+    return {name: module.param(name, init, shape, module.param_dtype)
+            for name, (shape, init) in module.param_specs().items()}
+
+
 class Conv(nn.Module):
     """``torch.nn.Conv{1,2,3}d`` (``spatial`` = 1, 2, 3) on ``(N, C, *spatial)``.
 
@@ -50,16 +57,17 @@ class Conv(nn.Module):
     padding_mode: str = "zeros"
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        init = _uniform_fan_in(self.in_channels // self.groups * math.prod(self.kernel_size))
+        specs = {"kernel": ((*self.kernel_size, self.in_channels // self.groups, self.out_channels), init)}
+        return specs | ({"bias": ((self.out_channels,), init)} if self.bias else {})
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        p = declare_params(self)
         spatial = len(self.kernel_size)
-        fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
-        kernel = self.param("kernel", _uniform_fan_in(fan_in),
-                            (*self.kernel_size, self.in_channels // self.groups, self.out_channels),
-                            self.param_dtype)
-        bias = self.param("bias", _uniform_fan_in(fan_in), (self.out_channels,),
-                          self.param_dtype) if self.bias else None
-        return F.conv(x, kernel, bias, F.spatial_tuple(self.stride, spatial), self.padding,
+        return F.conv(x, p["kernel"], p.get("bias"), F.spatial_tuple(self.stride, spatial), self.padding,
                       F.spatial_tuple(self.dilation, spatial), self.groups, self.padding_mode)
 
 
@@ -82,17 +90,19 @@ class ConvTranspose(nn.Module):
     dilation: tuple[int, ...] = (1, 1)
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        init = _uniform_fan_in(self.out_channels // self.groups * math.prod(self.kernel_size))  # torch's weight.size(1) * k
+        specs = {"kernel": ((*self.kernel_size, self.out_channels // self.groups, self.in_channels), init)}
+        return specs | ({"bias": ((self.out_channels,), init)} if self.bias else {})
+
     @nn.compact
     def __call__(self, x: jax.Array, output_size: Any = None) -> jax.Array:
         """``output_size`` (torch's forward argument; its last ``spatial`` sizes count) picks
         the output padding instead of ``output_padding``, in torch's allowed range."""
+        p = declare_params(self)
+        kernel, bias = p["kernel"], p.get("bias")
         spatial = len(self.kernel_size)
-        fan_in = self.out_channels // self.groups * math.prod(self.kernel_size)  # torch's weight.size(1) * k
-        kernel = self.param("kernel", _uniform_fan_in(fan_in),
-                            (*self.kernel_size, self.out_channels // self.groups, self.in_channels),
-                            self.param_dtype)
-        bias = self.param("bias", _uniform_fan_in(fan_in), (self.out_channels,),
-                          self.param_dtype) if self.bias else None
         def axes(value):
             return F.spatial_tuple(value, spatial)
 
@@ -124,12 +134,16 @@ class Linear(nn.Module):
     bias: bool = True
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        init = _uniform_fan_in(self.in_features)
+        specs = {"kernel": ((self.in_features, self.out_features), init)}
+        return specs | ({"bias": ((self.out_features,), init)} if self.bias else {})
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = _uniform_fan_in(self.in_features)
-        kernel = self.param("kernel", init, (self.in_features, self.out_features), self.param_dtype)
-        bias = self.param("bias", init, (self.out_features,), self.param_dtype) if self.bias else None
-        return F.linear(x, kernel, bias)
+        p = declare_params(self)
+        return F.linear(x, p["kernel"], p.get("bias"))
 
 
 class LayerNorm(nn.Module):
@@ -144,14 +158,16 @@ class LayerNorm(nn.Module):
     bias: bool = True
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        shape = tuple(self.normalized_shape)
+        specs = {"weight": (shape, nn.initializers.ones)} if self.elementwise_affine else {}
+        return specs | ({"bias": (shape, nn.initializers.zeros)} if self.elementwise_affine and self.bias else {})
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = tuple(self.normalized_shape)
-        weight = self.param("weight", nn.initializers.ones, shape, self.param_dtype) \
-            if self.elementwise_affine else None
-        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) \
-            if self.elementwise_affine and self.bias else None
-        return F.layer_norm(x, shape, weight, bias, self.eps)
+        p = declare_params(self)
+        return F.layer_norm(x, tuple(self.normalized_shape), p.get("weight"), p.get("bias"), self.eps)
 
 
 class GroupNorm(nn.Module):
@@ -164,12 +180,15 @@ class GroupNorm(nn.Module):
     affine: bool = True
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        shape = (self.num_channels,)
+        return {"weight": (shape, nn.initializers.ones), "bias": (shape, nn.initializers.zeros)} if self.affine else {}
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.num_channels,)
-        weight = self.param("weight", nn.initializers.ones, shape, self.param_dtype) if self.affine else None
-        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) if self.affine else None
-        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        p = declare_params(self)
+        return F.group_norm(x, self.num_groups, p.get("weight"), p.get("bias"), self.eps)
 
 
 class MaxPool(nn.Module):
@@ -305,11 +324,13 @@ class PReLU(nn.Module):
     init: float = 0.25
     param_dtype: Any = jnp.float32
 
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{name: (shape, initializer)}`` of its parameters (torch's init)."""
+        return {"weight": ((self.num_parameters,), lambda key, shape, dtype: jnp.full(shape, self.init, dtype))}
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", lambda key, shape, dtype: jnp.full(shape, self.init, dtype),
-                            (self.num_parameters,), self.param_dtype)
-        return F.prelu(x, weight)
+        return F.prelu(x, declare_params(self)["weight"])
 
 
 class Softmax(nn.Module):

@@ -20,21 +20,21 @@ from .ir import NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, call_k
 from .layers import build_layer
 from .ops import OPS
 
-__all__ = ["TracedModule", "value_ranks"]
+__all__ = ["TracedModule", "bind_inputs", "resolve", "value_ranks"]
 
 _RESERVED = frozenset(dir(nn.Module)) | {"block"}
 
 
-def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
+def resolve(value: Any, env: Mapping[str, Any]) -> Any:
     """An IR argument with every :class:`~.ir.Ref` replaced by its value."""
     if isinstance(value, Ref):
         return env[value.name]
     if isinstance(value, tuple):
-        return tuple(_resolve(v, env) for v in value)
+        return tuple(resolve(v, env) for v in value)
     if isinstance(value, Slice):
-        return slice(_resolve(value.start, env), _resolve(value.stop, env), _resolve(value.step, env))
+        return slice(resolve(value.start, env), resolve(value.stop, env), resolve(value.step, env))
     if isinstance(value, Dict):
-        return {k: _resolve(v, env) for k, v in value.items}
+        return {k: resolve(v, env) for k, v in value.items}
     return value
 
 
@@ -60,7 +60,7 @@ class TracedModule(nn.Module):
         self._own_variables = {v.name: _declare(self, v) for v in self.block.variables}
 
     def __call__(self, *args: Any, train: bool = False, **kwargs: Any) -> Any:
-        env = _bind_inputs(self.block, args, kwargs)
+        env = bind_inputs(self.block.torch_type, self.block.inputs, args, kwargs)
         children = dict(self.block.children)
         for op in self.block.ops:
             env[op.out] = self._run(op, env, children, train)
@@ -68,12 +68,12 @@ class TracedModule(nn.Module):
         if recorder is not None:
             recorder.setdefault(id(self.block), {}).update(
                 {name: value.ndim for name, value in env.items() if hasattr(value, "ndim")})
-        return _resolve(self.block.output, env)
+        return resolve(self.block.output, env)
 
     def _run(self, op: Op, env: Mapping[str, Any], children: Mapping[str, Any], train: bool) -> Any:
         """One operation's result: a child module's call, or the op table's function."""
-        args = _resolve(op.args, env)
-        kwargs = {k: _resolve(v, env) for k, v in op.kwargs}
+        args = resolve(op.args, env)
+        kwargs = {k: resolve(v, env) for k, v in op.kwargs}
         if op.kind == "module":
             kwargs.update(call_kwargs(children[op.target], train))
             return getattr(self, op.target)(*args, **kwargs)
@@ -108,16 +108,17 @@ def _declare(module: nn.Module, variable: Variable) -> jax.Array:
                            lambda: jax.numpy.zeros(variable.shape, variable.dtype)).value
 
 
-def _bind_inputs(block: Block, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The block's inputs by name, from a call's arguments and the inputs' defaults."""
-    if len(args) > len(block.inputs):
-        raise TypeError(f"{block.torch_type} takes {len(block.inputs)} inputs, got {len(args)}")
-    unknown = set(kwargs) - {name for name, _ in block.inputs}
+def bind_inputs(torch_type: str, inputs: tuple[tuple[str, Any], ...], args: tuple,
+                kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A block's ``inputs`` (name, default) by name, from a call's arguments and the defaults."""
+    if len(args) > len(inputs):
+        raise TypeError(f"{torch_type} takes {len(inputs)} inputs, got {len(args)}")
+    unknown = set(kwargs) - {name for name, _ in inputs}
     if unknown:
-        raise TypeError(f"{block.torch_type} got unexpected keyword argument(s) {sorted(unknown)} "
-                        f"(inputs: {[name for name, _ in block.inputs]}, and train=)")
+        raise TypeError(f"{torch_type} got unexpected keyword argument(s) {sorted(unknown)} "
+                        f"(inputs: {[name for name, _ in inputs]}, and train=)")
     env = {}
-    for i, (name, default) in enumerate(block.inputs):
+    for i, (name, default) in enumerate(inputs):
         if i < len(args):
             env[name] = args[i]
         elif name in kwargs:
@@ -125,5 +126,5 @@ def _bind_inputs(block: Block, args: tuple, kwargs: Mapping[str, Any]) -> dict[s
         elif default is not NO_DEFAULT:
             env[name] = default
         else:
-            raise TypeError(f"{block.torch_type} is missing its input {name!r}")
+            raise TypeError(f"{torch_type} is missing its input {name!r}")
     return env

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import jax
 
@@ -22,9 +22,10 @@ from ..porting.tensors import tensor_to_numpy
 from . import torch_ops
 from .layout import channels_last as to_channels_last
 from .module import TracedModule, value_ranks
-from .tracing import capture_mode_independent, check_materialized
+from .ir import Block
+from .tracing import capture_mode_independent, check_fixed_blocks_follow_modes, check_materialized
 
-__all__ = ["Ported", "example_arrays", "from_torch", "frozen_params"]
+__all__ = ["Ported", "captured", "example_arrays", "from_torch", "frozen_params", "nnx_model"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,8 +58,22 @@ def example_arrays(example_input: Any, channels_last: bool = False) -> tuple:
     return tuple(torch_ops.to_channels_last(a) for a in arrays) if channels_last else arrays
 
 
-def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = False) -> Ported:
-    """Translate a torch module into a trainable ``flax.linen`` module and its variables.
+def from_torch(torch_module: Any, example_input: Any, *, api: Literal["linen", "nnx"] = "linen",
+               channels_last: bool = False, rngs: Any = None) -> Any:
+    """Translate a torch module into a trainable Flax module: an NNX module tree mirroring torch's
+    (``api="nnx"``), or a ``flax.linen`` module and its variables (``api="linen"``, the default).
+
+    With ``api="nnx"`` the result is an ``nnx.Module`` holding its state, as the torch module
+    does (:mod:`.nnx_module`): ``model.layer1[0].bn1`` is a :class:`jaxbn.nnx.BatchNorm`, each
+    module starts in its torch module's mode, ``model.train()`` / ``model.eval()`` and assigned
+    attributes (``bn.momentum = None``, ``bn.track_running_stats = False``) act as torch's do,
+    ``model(x)`` is ``torch_module(x)`` with its buffer updates, and ``nnx.state(model)`` carries
+    torch's module paths (``flax_to_torch(nnx.state(model), torch_module, as_torch=True)``
+    loads with ``load_state_dict(strict=True)``). Parameters with ``requires_grad=False`` are
+    :class:`~.nnx_layers.FrozenParam`, which ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)``
+    leave alone. Dropout draws from ``rngs`` (default ``nnx.Rngs(0)``).
+
+    The rest of this docstring describes ``api="linen"``.
 
     PyTorch equivalent: the module itself -- ``module.apply(variables, x, train=False)`` is
     ``torch_module.eval()(x)`` and ``module.apply(variables, x, train=True,
@@ -88,8 +103,14 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
     Raises:
       UnsupportedError: a module or operation that is not translated, named by path and type.
     """
-    check_materialized(torch_module)
-    block = capture_mode_independent(torch_module, example_input)
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"api must be 'linen' or 'nnx', got {api!r}")
+    if api == "nnx" and channels_last:
+        raise ValueError("channels_last=True is for api='linen': the NNX module computes in torch's "
+                         "layout (NCHW), as the torch module does")
+    block = captured(torch_module, example_input, api)
+    if api == "nnx":
+        return nnx_model(torch_module, block, rngs)
     if channels_last:
         block = to_channels_last(block, value_ranks(block, *example_arrays(example_input)))
     module = TracedModule(block)
@@ -97,6 +118,47 @@ def from_torch(torch_module: Any, example_input: Any, *, channels_last: bool = F
     target = target_from_module(module, *arrays, train=False)
     variables, report = torch_to_flax(torch_module.state_dict(), target)
     return Ported(module, variables, frozen_params(torch_module, report))
+
+
+def captured(torch_module: Any, example_input: Any, api: Literal["linen", "nnx"] = "linen") -> Block:
+    """The IR of ``torch_module`` for ``api``: materialized, captured in both modes
+    (:func:`~.tracing.capture_mode_independent`); for NNX, whose modules hold their modes, no
+    fixed-mode block that reads ``self.training``."""
+    check_materialized(torch_module)
+    block = capture_mode_independent(torch_module, example_input)
+    if api == "nnx":
+        check_fixed_blocks_follow_modes(torch_module, example_input, block)
+    return block
+
+
+def nnx_model(torch_module: Any, block: Block, rngs: Any = None) -> Any:
+    """The NNX tree of ``torch_module``'s IR ``block`` (:func:`captured`) with its values,
+    frozen parameters frozen: ``from_torch(..., api="nnx")``."""
+    from flax import nnx
+
+    from .nnx_layers import FrozenParam
+    from .nnx_module import build_nnx, module_types
+
+    containers = module_types(torch_module)
+    # built abstractly (no random initial values: torch's replace them), then filled from torch
+    model = nnx.eval_shape(lambda: build_nnx(block, torch_module.training, nnx.Rngs(0), containers))
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    values, report = torch_to_flax(torch_module.state_dict(), state)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(model, state)
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    for _, module in nnx.iter_modules(model):
+        if isinstance(getattr(module, "rngs", None), nnx.RngStream):  # a dropout layer's stream
+            module.rngs = rngs["dropout"].fork()
+    frozen = {name for name, p in torch_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    for entry in report.matched:
+        if entry.torch_key in frozen:
+            *parents, leaf = entry.flax_path
+            owner = model
+            for part in parents:
+                owner = getattr(owner, str(part))
+            setattr(owner, leaf, FrozenParam(getattr(owner, leaf)[...]))
+    return model
 
 
 def frozen_params(torch_module: Any, report: PortReport) -> tuple[str, ...]:

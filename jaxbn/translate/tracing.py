@@ -38,8 +38,8 @@ from .concrete import (COUNTER_FACTOR, IN_PLACE_OPERATORS, NORM_FUNCTIONS, VALUE
 from .ir import (NO_DEFAULT, Block, Dict, Layer, Op, Ref, Slice, Variable, fresh_name, join_path, refs,
                  same_capture)
 
-__all__ = ["capture", "capture_mode_independent", "check_materialized", "fixed_modes", "flax_name",
-           "torch_type_name"]
+__all__ = ["capture", "capture_mode_independent", "check_fixed_blocks_follow_modes", "check_materialized",
+           "fixed_modes", "flax_name", "torch_type_name"]
 
 
 def torch_type_name(module: Any) -> str:
@@ -926,6 +926,32 @@ def capture_mode_independent(torch_module: Any, example_input: Any = None) -> Bl
             "train and eval mode (Python code reading self.training, fixed when torch.fx traces "
             "it): not supported")
     return trained
+
+
+def check_fixed_blocks_follow_modes(torch_module: Any, example_input: Any, captured: Block) -> None:
+    """Refuse a module with its own ``forward`` (not a norm) whose mode differed from the model's
+    when translated and whose ``forward`` reads ``self.training``: :func:`capture_mode_independent`
+    kept its mode fixed, which a model whose modules hold their modes (NNX: ``model.train()``
+    sets every module) cannot follow. Each such block's own flag is flipped (its children keep
+    theirs) and the model captured again: the same capture, or :class:`UnsupportedError`."""
+    paths = [path for path in fixed_modes(torch_module)
+             if _is_block(sub := torch_module.get_submodule(path)) and settings_of(sub) is None]
+    if not paths:
+        return
+    flipped = copy.deepcopy(torch_module)
+    for path in paths:
+        sub = flipped.get_submodule(path)
+        sub.training = not sub.training
+    try:  # in the model's mode now: a forward reading self.training is refused there
+        same = same_capture(capture_mode_independent(flipped, example_input), captured)
+    except UnsupportedError:
+        same = False
+    if not same:
+        raise UnsupportedError(
+            f"{', '.join(paths)}: in another mode than the model when translated, and a forward there "
+            "reads self.training, which stays as traced while model.train() / model.eval() change "
+            "every NNX module's mode; translate with those modules in the model's mode, or use "
+            "api='linen' (modes fixed when translated stay fixed)")
 
 
 def _in_mode(torch_module: Any, training: bool, modes: Mapping[str, bool]) -> Any:
