@@ -14,7 +14,10 @@ Prints, measured side by side in one run (rounds interleaved, medians; run.py's 
   architecture written directly in Flax);
 
 both with step.py's train step (softmax cross-entropy, optax SGD with momentum, donated buffers)
-on the same batch, and their ratio. Then ResNet-50's eval forward (float32, channels-last, the
+on the same batch, and their ratio. Then the same ResNet-18 in torch's layout (NCHW) through
+``from_torch(..., api="nnx")`` -- an NNX module tree, stepped the NNX way (``nnx.jit``,
+``nnx.value_and_grad``, ``nnx.Optimizer``) -- against the linen one (``api="linen"``, step.py's
+step), side by side. Then ResNet-50's eval forward (float32, channels-last, the
 same batch) with every BatchNorm folded into its convolution (``jaxbn.fold_batch_norm``) against
 the unfolded one, side by side; and, in float64, the seconds ``from_torch`` takes and the seconds
 its first training step takes to compile. Writes no file.
@@ -66,6 +69,39 @@ def translated_step(images, labels):
     example = torch.from_numpy(images[:2].transpose(0, 3, 1, 2).copy())
     ported = jaxbn.from_torch(model, example, channels_last=True)
     return step.train_step(ported.module, ported.variables, images, labels)
+
+
+def nnx_against_linen(images, labels):
+    """``{name: run}`` of torchvision's ResNet-18 (NCHW) train step, through NNX and linen."""
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from flax import nnx
+
+    import jaxbn
+
+    torch.manual_seed(0)
+    model = torchvision().models.resnet18(num_classes=step.NUM_CLASSES)
+    nchw = images.transpose(0, 3, 1, 2).copy()
+    example = torch.from_numpy(nchw[:2])
+    ported = jaxbn.from_torch(model, example)
+    runs = {"linen": step.train_step(ported.module, ported.variables, nchw, labels)[0]}
+    nnx_model = jaxbn.from_torch(model, example, api="nnx")
+    optimizer = nnx.Optimizer(nnx_model, optax.sgd(step.LR, momentum=step.MOMENTUM), wrt=nnx.Param)
+    x, y = jnp.asarray(nchw), jnp.asarray(labels)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    train_step(nnx_model, optimizer, x, y)
+    runs["nnx"] = lambda: train_step(nnx_model, optimizer, x, y)
+    return runs
 
 
 def folded_eval(images):
@@ -141,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     compiled = {name: f"   (compile {seconds:.1f} s)" for name, seconds in compile_seconds.items()}
     side_by_side(f"ResNet-18 train step, float32, batch {args.batch}, {args.image}x{args.image}",
                  fns, ("translated", "by hand"), args.rounds, compiled)
+    side_by_side(f"ResNet-18 train step, NCHW, float32, batch {args.batch}, {args.image}x{args.image}",
+                 nnx_against_linen(images, labels), ("nnx", "linen"), args.rounds)
     runs, report = folded_eval(images)
     side_by_side(f"ResNet-50 eval forward, float32, channels-last, batch {args.batch}, "
                  f"{args.image}x{args.image} ({len(report.folded)} norms folded, {len(report.kept)} kept)",

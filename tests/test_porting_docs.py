@@ -1,5 +1,5 @@
-"""docs/porting.md: every bash block runs as written, in order, in an empty directory; so does the
-one-call port's Python example."""
+"""docs/porting.md: every bash block runs as written, in order, in an empty directory; so do the
+one-call port's Python examples (NNX, then linen)."""
 
 import os
 import re
@@ -32,14 +32,21 @@ def test_porting_doc_commands_run_as_written(tmp_path):
     assert "<All keys matched successfully>" in outputs[3]
 
 
-def test_porting_doc_one_call_example_runs(tmp_path):
-    from pathlib import Path
+def one_call_examples() -> list[str]:
+    section = DOC.read_text().split("## The one-call port", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
-    doc = (Path(ROOT) / "docs" / "porting.md").read_text()
-    section = doc.split("## The one-call port", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1
-    run = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
-                         capture_output=True, text=True, timeout=300)
+
+def test_the_one_call_port_shows_nnx_first():
+    examples = one_call_examples()
+    assert len(examples) == 2
+    assert 'api="nnx"' in examples[0] and "porting.save_variables" in examples[0]
+    assert "api=" not in examples[1]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_porting_doc_one_call_example_runs(tmp_path, index):
+    run = subprocess.run([sys.executable, "-c", one_call_examples()[index]], cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "<All keys matched successfully>"
