@@ -15,7 +15,7 @@ from .ir import Block, Layer, Variable, join_path
 from .layers import layer_class
 from .names import is_attribute, is_field
 from .nnx_layers import Container, nnx_layer_class
-from .nnx_module import RESERVED, child_paths, container_kind
+from .nnx_module import child_paths, child_tree, container_kind
 
 __all__ = ["NnxEmitter"]
 
@@ -96,21 +96,7 @@ jaxbn.from_torch(..., api='nnx') makes them FrozenParam.
         """``block``'s children by attribute path (``{'layer1': {'0': 'layer1_0'}, 'fc': 'fc'}``,
         leaves the children's IR names) and the name of its own norm (a BatchNorm subclass's)."""
         if id(block) not in self._trees:
-            paths = child_paths(block)
-            tree: dict = {}
-            norm = None
-            for name, _ in block.children:
-                if any(p in RESERVED for p in paths[name]):
-                    raise UnsupportedError(f"{join_path(block.torch_path, name)}: a name in its path is "
-                                           "reserved by flax.nnx.Module")
-                if not paths[name]:
-                    norm = name
-                    continue
-                node = tree
-                for part in paths[name][:-1]:
-                    node = node.setdefault(part, {})
-                node[paths[name][-1]] = name
-            self._trees[id(block)] = tree, norm
+            self._trees[id(block)] = child_tree(block)
         return self._trees[id(block)]
 
     def container(self, path: str, node: dict) -> str:

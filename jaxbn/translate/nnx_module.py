@@ -31,7 +31,8 @@ from .module import bind_inputs, resolve
 from .nnx_layers import Container, ModuleList, Sequential, nnx_layer_class
 from .ops import OPS
 
-__all__ = ["RESERVED", "Program", "TracedBlock", "build_nnx", "child_paths", "container_kind", "module_types"]
+__all__ = ["RESERVED", "Program", "TracedBlock", "build_nnx", "child_paths", "child_tree", "container_kind",
+           "module_types"]
 
 RESERVED = frozenset(dir(nnx.Module)) | {"program"}
 """Names a torch child cannot have here: ``nnx.Module``'s own (and :class:`TracedBlock`'s)."""
@@ -138,38 +139,62 @@ def build_nnx(block: Block, training: bool, rngs: nnx.Rngs,
     :class:`~.nnx_layers.ModuleList`, anything else a :class:`~.nnx_layers.Container`.
     """
     containers = containers or {}
+    children = dict(block.children)
+    tree, norm = child_tree(block)
+
+    def built(node: Any, path: str) -> nnx.Module:
+        if not isinstance(node, dict):  # a child's IR name
+            child = children[node]
+            return build_nnx(child, training, rngs, containers) if isinstance(child, Block) \
+                else build_layer(child, training, rngs)
+        inner = {part: built(value, join_path(path, part)) for part, value in node.items()}
+        kind = container_kind(inner, containers.get(path, ""))
+        if kind in _CONTAINERS:
+            return _CONTAINERS[kind](*(inner[str(i)] for i in range(len(inner))))
+        return Container(**inner)
+
+    modules = {name: built(value, join_path(block.torch_path, name)) for name, value in tree.items()}
+    variables = {v.name: _variable(v) for v in block.variables}
+    program = Program(block.torch_type, block.inputs, block.ops, block.output,
+                      tuple(child_paths(block).items()), norm)
+    if norm is None:
+        return TracedBlock(program, modules, variables)
+    module = _NORM_BLOCKS[children[norm].cls](program, modules, variables,
+                                              norm_kwargs=_norm_kwargs(children[norm], training))
+    _flip(module, children[norm])
+    return module
+
+
+def child_tree(block: Block) -> tuple[dict, str | None]:
+    """``block``'s children by attribute path, ``{'layer1': {'0': 'layer1_0'}, 'fc': 'fc'}``
+    (leaves: the children's IR names), and the IR name of the child that is the block's own
+    norm (a BatchNorm subclass's), if any.
+
+    Raises:
+      UnsupportedError: a name on a child's path that ``nnx.Module`` reserves (:data:`RESERVED`).
+    """
     paths = child_paths(block)
-    tree: dict[str, Any] = {}
+    tree: dict = {}
     norm = None
-    for name, child in block.children:
-        if name in RESERVED or any(p in RESERVED for p in paths[name]):
-            raise UnsupportedError(f"{join_path(block.torch_path, name)}: the name {name!r} is reserved "
+    for name, _ in block.children:
+        if any(part in RESERVED for part in paths[name]):
+            raise UnsupportedError(f"{join_path(block.torch_path, name)}: a name on its path is reserved "
                                    "by flax.nnx.Module")
         if not paths[name]:
-            norm = (name, child)
+            norm = name
             continue
         node = tree
         for part in paths[name][:-1]:
             node = node.setdefault(part, {})
-        node[paths[name][-1]] = build_nnx(child, training, rngs, containers) if isinstance(child, Block) \
-            else build_layer(child, training, rngs)
-    children = {name: _container(value, join_path(block.torch_path, name), containers)
-                for name, value in tree.items()}
-    variables = {v.name: _variable(v) for v in block.variables}
-    program = Program(block.torch_type, block.inputs, block.ops, block.output, tuple(paths.items()),
-                      norm[0] if norm else None)
-    if norm is None:
-        return TracedBlock(program, children, variables)
-    module = _NORM_BLOCKS[norm[1].cls](program, children, variables, norm_kwargs=_norm_kwargs(norm[1], training))
-    _flip(module, norm[1])
-    return module
+        node[paths[name][-1]] = name
+    return tree, norm
 
 
 def container_kind(names: Any, torch_type: str) -> str:
     """The :mod:`.nnx_layers` class holding the translated children ``names`` of a torch module
     of type ``torch_type`` that is only a container: ``Sequential`` (callable) for a torch
     ``Sequential`` whose every child ``0..n-1`` is there, ``ModuleList`` for such a
-    ``ModuleList`` (or a partly used ``Sequential``), else ``Container``."""
+    ``ModuleList``, else ``Container`` (a partly used ``Sequential`` too)."""
     names = list(names)
     complete = all(n.isdigit() for n in names) and sorted(names, key=int) == [str(i) for i in range(len(names))]
     if complete and torch_type == "torch.nn.Sequential":
@@ -185,17 +210,6 @@ def module_types(torch_module: Any) -> dict[str, str]:
 
 
 _CONTAINERS = {"Sequential": Sequential, "ModuleList": ModuleList}
-
-
-def _container(value: Any, path: str, containers: Mapping[str, str]) -> nnx.Module:
-    """A built child, or the container of torch type ``containers[path]`` holding a subtree."""
-    if not isinstance(value, dict):
-        return value
-    children = {name: _container(v, join_path(path, name), containers) for name, v in value.items()}
-    kind = container_kind(children, containers.get(path, ""))
-    if kind in _CONTAINERS:
-        return _CONTAINERS[kind](*(children[str(i)] for i in range(len(children))))
-    return Container(**children)
 
 
 def _variable(variable: Variable) -> nnx.Variable:
