@@ -130,8 +130,15 @@ jaxbn.from_torch(..., api='nnx') makes them FrozenParam.
     # ---- classes
 
     def _base(self, block: Block) -> str:
+        """A BatchNorm subclass's norm class; ``Container`` for a torch ``Sequential`` /
+        ``ModuleList`` traced as the model (``model[0]`` indexes, as torch's); else ``nnx.Module``."""
         _, norm = self.tree(block)
-        return self.layer_class(dict(block.children)[norm]).__name__ if norm else "nnx.Module"
+        if norm:
+            return self.layer_class(dict(block.children)[norm]).__name__
+        if block.torch_type in ("torch.nn.Sequential", "torch.nn.ModuleList"):
+            self.layer_imports.add((Container.__module__, "Container"))
+            return "Container"
+        return "nnx.Module"
 
     def parameters(self, block: Block) -> tuple[dict[str, str], str]:
         """A non-root class's ``__init__`` parameters: each attribute's, and the name of the

@@ -281,7 +281,7 @@ def port(capsys, *args):
     return code, out, err
 
 
-@pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".msgpack", ".safetensors", ""])  # "": an Orbax directory
 def test_port_nnx_writes_a_model_and_variables_that_match_torch(project, capsys, suffix):
     code, out, err = port(capsys, "--nnx", "--emit", "mixed_nnx.py", "--out", f"vars{suffix}")
     assert code == 0, err
@@ -292,6 +292,17 @@ def test_port_nnx_writes_a_model_and_variables_that_match_torch(project, capsys,
     module.load(model, variables)
     x = torch.randn(4, 3, 6, 6, dtype=F64)
     assert_matches_torch(build_mixed(), x, model)
+
+
+def test_a_sequential_model_indexes_as_torch_s():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    module = emitted(check(model, x))
+    fresh = module.Model(rngs=nnx.Rngs(0))
+    assert len(fresh) == 3 and isinstance(fresh[1], jaxbn.nnx.BatchNorm) and fresh[-1] is fresh[2]
+    ported = jaxbn.from_torch(model, x, api="nnx")
+    assert len(ported) == 3 and isinstance(ported[1], jaxbn.nnx.BatchNorm)
 
 
 @pytest.mark.parametrize("flag", ["--channels-last", "--fold-bn"])
