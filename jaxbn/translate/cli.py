@@ -96,8 +96,7 @@ def _port(args: argparse.Namespace) -> None:
     """Check the arguments and outputs, build, load, translate, then write both files."""
     import torch
 
-    nnx = getattr(args, "nnx", False)
-    if nnx and (args.channels_last or args.fold_bn):
+    if args.nnx and (args.channels_last or args.fold_bn):
         raise PortFailure(f"--nnx with {'--channels-last' if args.channels_last else '--fold-bn'}: folding and "
                           "channels-last are linen-only (the NNX Model computes in torch's layout, as torch does)")
     shape = parse_shape(args.input_shape)
@@ -109,7 +108,7 @@ def _port(args: argparse.Namespace) -> None:
         load_checkpoint(model, args.checkpoint, key=args.key, cast=args.cast)
     example = torch.zeros(shape, dtype=dtype or model_dtype(model))
     check_runs(model, example, args.model)
-    source, variables, torch_type, report = translate(model, example, args.channels_last, args.fold_bn, nnx=nnx)
+    source, variables, torch_type, report = translate(model, example, args.channels_last, args.fold_bn, nnx=args.nnx)
     write_outputs(emit, source, out, variables)
     if report is not None:
         print(report)

@@ -15,7 +15,7 @@ from .ir import Block, Layer, Variable, join_path
 from .layers import layer_class
 from .names import is_attribute, is_field
 from .nnx_layers import Container, nnx_layer_class
-from .nnx_module import child_paths, child_tree, container_kind
+from .nnx_module import child_paths, child_tree, container_kind, flipped_tracking, has_mode, initial_mode
 
 __all__ = ["NnxEmitter"]
 
@@ -182,7 +182,7 @@ jaxbn.from_torch(..., api='nnx') makes them FrozenParam.
 
     def flips(self, reference: str, layer: Layer) -> list[str]:
         """A norm's ``track_running_stats`` set after construction (torch's attribute flip)."""
-        flipped = dict(layer.call_kwargs).get("track_running_stats")
+        flipped = flipped_tracking(layer)
         return [] if flipped is None else [f"{reference}.track_running_stats = {self.constant(flipped)}"]
 
     def variable(self, variable: Variable) -> str:
@@ -209,8 +209,8 @@ jaxbn.from_torch(..., api='nnx') makes them FrozenParam.
 
     def norm_arguments(self, layer: Layer) -> list[str]:
         """A norm's constructor arguments, ``use_running_average=True`` if it starts in eval."""
-        mode = dict(layer.call_kwargs).get("train", self.training)
-        return self.layer_arguments(layer) + ([] if mode else ["use_running_average=True"])
+        training = initial_mode(layer, self.training)
+        return self.layer_arguments(layer) + ([] if training else ["use_running_average=True"])
 
     def constructor(self, child: Layer | Block, indent: str) -> str:
         """``Conv(in_channels=3, ..., rngs=rngs)`` or ``BasicBlock(conv1=Conv(...), ...)``."""
@@ -218,10 +218,9 @@ jaxbn.from_torch(..., api='nnx') makes them FrozenParam.
             cls = self.layer_class(child)
             if child.is_norm:
                 return f"{cls.__name__}({', '.join(self.norm_arguments(child))})"
-            modal = child.takes_train or "train" in dict(child.call_kwargs)  # dropout, stochastic depth
-            training = dict(child.call_kwargs).get("train", self.training)
+            modal = has_mode(child)  # dropout, stochastic depth
             extra = ["rngs=rngs"] if modal or hasattr(cls.linen, "param_specs") else []
-            extra += ["deterministic=True"] if modal and not training else []
+            extra += ["deterministic=True"] if modal and not initial_mode(child, self.training) else []
             return f"{cls.__name__}({', '.join(self.layer_arguments(child) + extra)})"
         name = self.class_for(child)
         tree, norm = self.tree(child)

@@ -17,6 +17,7 @@ A torch parameter with ``requires_grad=False`` is a :class:`FrozenParam`, which 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -45,33 +46,34 @@ class TorchLayer(nnx.Module):
     """
 
     linen: ClassVar[type[nn.Module]]
+    fields: ClassVar[tuple[str, ...]]  # the linen layer's (torch's constructor arguments)
+    takes_train: ClassVar[bool]  # a layer with a mode (its linen call takes ``train``)
 
     def __init__(self, *args: Any, rngs: nnx.Rngs | None = None, deterministic: bool = False,
                  **kwargs: Any) -> None:
         layer = self.linen(*args, **kwargs)
-        for name in _fields(self.linen):
+        for name in self.fields:
             if name in _TOGGLES:  # torch's way: the parameter, or None (set below)
                 setattr(self, name, nnx.data(None))
             else:
                 setattr(self, name, getattr(layer, name))
-        specs = layer.param_specs() if hasattr(layer, "param_specs") else {}
+        specs = _param_specs(layer)
         if specs and rngs is None:
             raise TypeError(f"{type(self).__name__} has parameters: pass rngs=nnx.Rngs(...) for their "
                             "initial values")
         for name, (shape, init) in specs.items():
             setattr(self, name, nnx.Param(init(rngs.params(), shape, layer.param_dtype)))
-        if _takes_train(self.linen):
+        if self.takes_train:
             self.deterministic = deterministic
             self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         """The layer's forward (torch's), with the attributes' current values."""
         layer = self.linen(**{name: getattr(self, name) is not None if name in _TOGGLES else getattr(self, name)
-                              for name in _fields(self.linen)})
-        names = layer.param_specs() if hasattr(layer, "param_specs") else {}
-        variables = {"params": {name: getattr(self, name)[...] for name in names}}
+                              for name in self.fields})
+        variables = {"params": {name: getattr(self, name)[...] for name in _param_specs(layer)}}
         rngs = None
-        if _takes_train(self.linen):
+        if self.takes_train:
             kwargs["train"] = not self.deterministic
             if kwargs["train"] and self.p != 0:
                 if self.rngs is None:
@@ -82,7 +84,7 @@ class TorchLayer(nnx.Module):
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view(model, deterministic=...)``."""
-        if deterministic is not None and _takes_train(self.linen):
+        if deterministic is not None and self.takes_train:
             self.deterministic = deterministic
 
 
@@ -91,14 +93,9 @@ _TOGGLES = ("bias",)
 attribute is the parameter, or ``None`` without one."""
 
 
-def _fields(linen: type[nn.Module]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(linen) if f.name not in ("parent", "name"))
-
-
-def _takes_train(linen: type[nn.Module]) -> bool:
-    import inspect
-
-    return "train" in inspect.signature(linen.__call__).parameters
+def _param_specs(layer: nn.Module) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``layer.param_specs()``; ``{}`` for a layer without parameters."""
+    return layer.param_specs() if hasattr(layer, "param_specs") else {}
 
 
 def nnx_layer_class(linen: type[nn.Module]) -> type[TorchLayer]:
@@ -107,8 +104,11 @@ def nnx_layer_class(linen: type[nn.Module]) -> type[TorchLayer]:
 
 
 def _define(linen: type[nn.Module]) -> type[TorchLayer]:
-    return type(linen.__name__, (TorchLayer,), {"linen": linen, "__doc__": linen.__doc__,
-                                                "__module__": __name__, "__qualname__": linen.__name__})
+    fields = tuple(f.name for f in dataclasses.fields(linen) if f.name not in ("parent", "name"))
+    takes_train = "train" in inspect.signature(linen.__call__).parameters
+    return type(linen.__name__, (TorchLayer,), {"linen": linen, "fields": fields, "takes_train": takes_train,
+                                                "__doc__": linen.__doc__, "__module__": __name__,
+                                                "__qualname__": linen.__name__})
 
 
 for _name in __all__:

@@ -32,7 +32,7 @@ from .nnx_layers import Container, ModuleList, Sequential, nnx_layer_class
 from .ops import OPS
 
 __all__ = ["RESERVED", "Program", "TracedBlock", "build_nnx", "child_paths", "child_tree", "container_kind",
-           "module_types"]
+           "flipped_tracking", "has_mode", "initial_mode", "module_types"]
 
 RESERVED = frozenset(dir(nnx.Module)) | {"program"}
 """Names a torch child cannot have here: ``nnx.Module``'s own (and :class:`TracedBlock`'s)."""
@@ -64,8 +64,7 @@ class TracedBlock(Container):
     def __init__(self, program: Program, children: Mapping[str, nnx.Module] = (),
                  variables: Mapping[str, nnx.Variable] = ()) -> None:
         self.program = program
-        for name, child in dict(children).items():
-            setattr(self, name, child)
+        super().__init__(**dict(children))
         for name, variable in dict(variables).items():
             setattr(self, name, variable)
 
@@ -219,18 +218,29 @@ def _variable(variable: Variable) -> nnx.Variable:
     return nnx.Param(value) if variable.collection == "params" else nnx.BatchStat(value)
 
 
-def _mode(layer: Layer, training: bool) -> bool:
+def has_mode(layer: Layer) -> bool:
+    """The layer behaves by mode (a norm, dropout, stochastic depth): it follows the model's or
+    has its own, fixed when translated."""
+    return layer.takes_train or "train" in dict(layer.call_kwargs)
+
+
+def initial_mode(layer: Layer, training: bool) -> bool:
     """The layer's mode when translated: fixed (its ``train`` call argument) or the model's."""
     return dict(layer.call_kwargs).get("train", training)
 
 
+def flipped_tracking(layer: Layer) -> bool | None:
+    """A norm's ``track_running_stats`` set after construction (torch's attribute flip), if any."""
+    return dict(layer.call_kwargs).get("track_running_stats")
+
+
 def _norm_kwargs(layer: Layer, training: bool) -> dict[str, Any]:
-    return {**dict(layer.kwargs), "use_running_average": not _mode(layer, training)}
+    return {**dict(layer.kwargs), "use_running_average": not initial_mode(layer, training)}
 
 
 def _flip(module: Any, layer: Layer) -> None:
-    """A norm's ``track_running_stats`` set after construction (torch's attribute flip)."""
-    flipped = dict(layer.call_kwargs).get("track_running_stats")
+    """Assign :func:`flipped_tracking`, if any."""
+    flipped = flipped_tracking(layer)
     if flipped is not None:
         module.track_running_stats = flipped
 
@@ -247,6 +257,5 @@ def build_layer(layer: Layer, training: bool, rngs: nnx.Rngs) -> nnx.Module:
     from .layers import layer_class
 
     cls = nnx_layer_class(layer_class(layer))
-    mode = {"deterministic": not _mode(layer, training)} if layer.takes_train or "train" in dict(layer.call_kwargs) \
-        else {}
+    mode = {"deterministic": not initial_mode(layer, training)} if has_mode(layer) else {}
     return cls(**dict(layer.kwargs), rngs=rngs, **mode)
