@@ -150,20 +150,23 @@ def nnx_model(torch_module: Any, block: Block, rngs: Any = None) -> Any:
     for _, module in nnx.iter_modules(model):
         if isinstance(getattr(module, "rngs", None), nnx.RngStream):  # a dropout layer's stream
             module.rngs = rngs["dropout"].fork()
-    frozen = {name for name, p in torch_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    for entry in report.matched:
-        if entry.torch_key in frozen:
-            *parents, leaf = entry.flax_path
-            owner = model
-            for part in parents:
-                owner = getattr(owner, str(part))
-            setattr(owner, leaf, FrozenParam(getattr(owner, leaf)[...]))
+    for path in _frozen_paths(torch_module, report):
+        *parents, leaf = path
+        owner = model
+        for part in parents:
+            owner = getattr(owner, str(part))
+        setattr(owner, leaf, FrozenParam(getattr(owner, leaf)[...]))
     return model
 
 
 def frozen_params(torch_module: Any, report: PortReport) -> tuple[str, ...]:
     """The Flax names of ``torch_module``'s parameters with ``requires_grad=False`` (every path
     of a shared one), from the port's matched pairs."""
+    return tuple(display_name(path) for path in _frozen_paths(torch_module, report))
+
+
+def _frozen_paths(torch_module: Any, report: PortReport) -> list[tuple]:
+    """The Flax paths the port filled from parameters with ``requires_grad=False``."""
     frozen = {name for name, p in torch_module.named_parameters(remove_duplicate=False)
               if not p.requires_grad}
-    return tuple(display_name(e.flax_path) for e in report.matched if e.torch_key in frozen)
+    return [e.flax_path for e in report.matched if e.torch_key in frozen]
